@@ -1,0 +1,1 @@
+"""The fedadapt site: ClientApp glue over plain PyTorch training and evaluation."""

@@ -1,0 +1,122 @@
+"""Local training and evaluation at a site: plain PyTorch, no Flower import.
+
+``train`` runs SGD, or DP-SGD when given a ``DPRequest``; ``evaluate`` returns loss and
+accuracy. Both run on the device they are given, with bf16 autocast on CUDA when
+``amp`` is set (autocast covers the forward pass; Opacus computes per-sample gradients
+and clips them in float32, so the DP guarantee does not depend on it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from privacy.dp import DPRequest, make_private
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a round of local training produced.
+
+    Attributes:
+        loss: Mean training loss over the round's batches.
+        steps: Optimiser steps taken.
+        sample_rate: Poisson sample rate q (DP) or batch_size / N (non-DP).
+        num_examples: Training records at the site.
+    """
+
+    loss: float
+    steps: int
+    sample_rate: float
+    num_examples: int
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device; "
+                           "install a CUDA build of torch or use --device cpu/auto")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, amp: bool) -> torch.autocast:
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=amp and device.type == "cuda")
+
+
+def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_size: int,
+          device: torch.device, seed: int, dp: DPRequest | None = None,
+          amp: bool = False) -> TrainResult:
+    """Train the trainable tensors of ``model`` on ``dataset`` in place.
+
+    Args:
+        model: Model whose trainable tensors are the adapters and head.
+        dataset: The site's training split.
+        epochs: Passes over the data (with Poisson sampling: ``epochs * len(loader)`` steps).
+        lr: SGD learning rate (momentum 0.9).
+        batch_size: Expected batch size.
+        device: Where to train.
+        seed: Seeds shuffling / Poisson sampling and the DP noise.
+        dp: DP-SGD parameters; ``None`` trains without DP.
+        amp: bf16 autocast on CUDA.
+
+    Returns:
+        The round's ``TrainResult``.
+    """
+    model.to(device).train()
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    n = len(dataset)  # type: ignore[arg-type]
+    sample_rate = min(1.0, batch_size / n)
+    net: nn.Module = model
+    if dp is not None:
+        noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+        net, optimizer, loader = make_private(model, optimizer, loader, request=dp,
+                                              generator=noise_gen)
+        sample_rate = 1.0 / len(loader)
+    loss_fn = nn.CrossEntropyLoss()
+    steps, total = 0, 0.0
+    for _ in range(epochs):
+        for x, y in loader:
+            if len(y) == 0:  # Poisson sampling can draw an empty batch; still a step
+                optimizer.zero_grad(set_to_none=True)
+                optimizer.step()
+                steps += 1
+                continue
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with _autocast(device, amp):
+                logits = net(x)
+            loss = loss_fn(logits.float(), y)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            total += loss.item()
+    if dp is not None:
+        net._close()  # remove Opacus hooks: the model is reused by the caller
+    return TrainResult(loss=total / max(steps, 1), steps=steps, sample_rate=sample_rate,
+                       num_examples=n)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, device: torch.device,
+             amp: bool = False) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``dataset``."""
+    model.to(device).eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    total, correct, n = 0.0, 0, 0
+    for x, y in DataLoader(dataset, batch_size=max(batch_size, 64)):
+        x, y = x.to(device), y.to(device)
+        with _autocast(device, amp):
+            logits = model(x).float()
+        total += float(loss_fn(logits, y))
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    return total / n, correct / n

@@ -1,0 +1,160 @@
+"""The run configuration: one frozen, validated dataclass, the single source of defaults.
+
+Config enters at the edge (CLI flags, ``[tool.flwr.app.config]`` in ``pyproject.toml``,
+``flwr run --run-config``) as a flat mapping of kebab-case keys; ``RunConfig.from_mapping``
+turns it into typed fields, and library code only ever sees those fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from fedimaging.backbones import ModelSpec
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which key and how to fix it."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a federation run needs, with its defaults.
+
+    Attributes:
+        num_server_rounds: Federated rounds to run.
+        num_sites: Hospitals in the simulated federation.
+        seed: Seed of the backbone, the synthetic data and all samplers.
+        local_epochs: Passes over the local data per round at each site.
+        lr: Learning rate of the site optimiser (SGD with momentum).
+        batch_size: Expected batch size; with Poisson sampling q = batch_size / N.
+        dp: Train with DP-SGD (Opacus) at each site.
+        noise_multiplier: σ of DP-SGD, requested by the server.
+        max_grad_norm: Per-sample clipping norm C of DP-SGD.
+        delta: δ at which each site reports ε.
+        lora_rank: LoRA rank r.
+        lora_alpha: LoRA scaling α (the update is scaled by α / r).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        amp: Mixed precision (bf16 autocast) on CUDA; ignored on CPU.
+        site_train_size: Training records at the largest simulated site.
+        site_test_size: Held-out records at the largest simulated site.
+        image_size: Side of the square synthetic images, in pixels.
+        num_classes: Classes of the synthetic classification task.
+        out_dir: Parent folder of the run directory ``<out_dir>/<timestamp>/``.
+    """
+
+    num_server_rounds: int = 5
+    num_sites: int = 3
+    seed: int = 0
+    local_epochs: int = 2
+    lr: float = 0.02
+    batch_size: int = 32
+    dp: bool = True
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    device: str = "auto"
+    amp: bool = True
+    site_train_size: int = 480
+    site_test_size: int = 160
+    image_size: int = 32
+    num_classes: int = 3
+    out_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        errors = []
+
+        def need(cond: bool, key: str, expected: str) -> None:
+            if not cond:
+                value = getattr(self, key.replace("-", "_"))
+                errors.append(f"'{key}' must be {expected}, got {value!r}")
+
+        need(self.num_server_rounds >= 1, "num-server-rounds", "an integer >= 1")
+        need(self.num_sites >= 1, "num-sites", "an integer >= 1")
+        need(self.local_epochs >= 1, "local-epochs", "an integer >= 1")
+        need(self.lr > 0, "lr", "a positive number")
+        need(self.batch_size >= 1, "batch-size", "an integer >= 1")
+        need(self.noise_multiplier >= 0, "noise-multiplier", "a number >= 0")
+        need(self.max_grad_norm > 0, "max-grad-norm", "a positive number")
+        need(0 < self.delta < 1, "delta", "a number in (0, 1)")
+        need(self.lora_rank >= 1, "lora-rank", "an integer >= 1")
+        need(self.lora_alpha > 0, "lora-alpha", "a positive number")
+        need(self.device in DEVICES, "device", f"one of {', '.join(DEVICES)}")
+        need(self.site_train_size >= 8, "site-train-size", "an integer >= 8")
+        need(self.site_test_size >= 4, "site-test-size", "an integer >= 4")
+        need(self.image_size >= 16 and self.image_size % 4 == 0, "image-size",
+             "a multiple of 4, at least 16")
+        need(2 <= self.num_classes <= 3, "num-classes", "2 or 3 (the synthetic task has 3 classes)")
+        need(bool(self.out_dir), "out-dir", "a folder path")
+        if self.dp and self.noise_multiplier == 0:
+            errors.append("'noise-multiplier' is 0 while 'dp' is on: that is no privacy at all; "
+                          "set a positive noise multiplier or turn DP off explicitly (--no-dp)")
+        if errors:
+            raise ConfigError("invalid run config:\n  " + "\n  ".join(errors))
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> "RunConfig":
+        """Build from kebab-case keys (a Flower run config); unknown keys are rejected.
+
+        Args:
+            mapping: Flat mapping such as ``context.run_config``.
+
+        Returns:
+            The validated config; keys absent from ``mapping`` keep their defaults.
+
+        Raises:
+            ConfigError: On an unknown key, a value of the wrong type, or a bad value.
+        """
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(mapping) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown run config key(s) {unknown}; known keys are {sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in mapping.items():
+            f = known[key]
+            kwargs[f.name] = _coerce(key, value, type(getattr(cls(), f.name)))
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The inverse of :meth:`from_mapping` (kebab-case keys, plain values)."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def model_spec(self) -> "ModelSpec":
+        """The architecture every site and the server build from this config."""
+        from fedimaging.backbones import ModelSpec
+
+        return ModelSpec(image_size=self.image_size, num_classes=self.num_classes,
+                         lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, seed=self.seed)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """Turn a run-config value into the field's type, or say what was wrong."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or
+                                           (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"'{key}' must be a string, got {value!r}")
+    return value

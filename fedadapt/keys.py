@@ -1,0 +1,46 @@
+"""Message, config and metric keys shared by the ServerApp and the ClientApp.
+
+Every key that crosses the wire is defined here once; server and site import it,
+so no string literal for a key appears twice in the code base.
+"""
+
+from typing import Final
+
+# --- records inside a Message --------------------------------------------------
+ARRAYS: Final = "arrays"  # ArrayRecord: adapter + head tensors, never the backbone
+CONFIG: Final = "config"  # ConfigRecord: what the server asks for this round
+METRICS: Final = "metrics"  # MetricRecord: numbers a site reports back
+STATUS: Final = "status"  # ConfigRecord: site identity, ok/refused, refusal reason
+
+# --- ConfigRecord sent by the server (train and evaluate) ------------------------
+SERVER_ROUND: Final = "server-round"
+LOCAL_EPOCHS: Final = "local-epochs"
+LR: Final = "lr"
+BATCH_SIZE: Final = "batch-size"
+DP_ENABLED: Final = "dp-enabled"
+NOISE_MULTIPLIER: Final = "noise-multiplier"
+MAX_GRAD_NORM: Final = "max-grad-norm"
+RUN_ID: Final = "run-id"
+
+# --- MetricRecord replied by a site ----------------------------------------------
+NUM_EXAMPLES: Final = "num-examples"  # Flower's default weighting key
+TRAIN_LOSS: Final = "train-loss"
+EVAL_LOSS: Final = "eval-loss"
+EVAL_ACC: Final = "eval-acc"
+EPSILON: Final = "epsilon"  # record-level ε spent by the site so far (all rounds)
+EPSILON_ROUND: Final = "epsilon-round"  # record-level ε of this round alone
+DELTA: Final = "delta"
+STEPS: Final = "steps"
+SAMPLE_RATE: Final = "sample-rate"
+PARTITION_ID: Final = "partition-id"
+
+# --- ConfigRecord `STATUS` replied by a site --------------------------------------
+SITE_ID: Final = "site-id"
+STATE: Final = "state"
+STATE_OK: Final = "ok"
+STATE_REFUSED: Final = "refused"
+REASON: Final = "reason"
+
+# --- node config (Flower sets these in simulation) --------------------------------
+NODE_PARTITION_ID: Final = "partition-id"
+NODE_NUM_PARTITIONS: Final = "num-partitions"

@@ -1,0 +1,1 @@
+"""Medical imaging data and backbones for fedadapt (MONAI transforms and networks, PEFT)."""

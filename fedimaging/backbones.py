@@ -1,0 +1,164 @@
+"""Backbones and adapter injection: a frozen MONAI ViT with PEFT LoRA and a trainable head.
+
+Only the adapter tensors (``lora_A``/``lora_B``) and the task head are trainable; these
+are exactly the tensors that travel between server and sites. The frozen backbone is
+rebuilt deterministically at every site from its spec (seed), so it never travels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from monai.networks.nets import ViT
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+#: LoRA goes into the attention projections of MONAI's ``SABlock``.
+VIT_LORA_TARGETS = ("qkv", "out_proj")
+HEAD = "head"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture and adapter settings; the same spec gives the same model everywhere.
+
+    Attributes:
+        image_size: Input side in pixels (2-D, one channel).
+        patch_size: ViT patch side.
+        hidden_size: Token width.
+        mlp_dim: Width of the transformer MLP.
+        num_layers: Transformer blocks.
+        num_heads: Attention heads.
+        num_classes: Outputs of the task head.
+        lora_rank: LoRA rank r.
+        lora_alpha: LoRA α.
+        seed: Seed of the (frozen) backbone and of the initial adapters.
+    """
+
+    image_size: int = 32
+    patch_size: int = 4
+    hidden_size: int = 96
+    mlp_dim: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    num_classes: int = 3
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of "
+                             f"patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_heads {self.num_heads}")
+
+
+class ViTClassifier(nn.Module):
+    """MONAI ViT encoder, mean-pooled tokens, frozen feature standardisation, linear head.
+
+    The pooled features of a frozen encoder share a large common offset and vary little
+    between images; under DP-SGD that offset eats the clipping budget and turns noise
+    on the head into large logit noise. ``feature_mean``/``feature_std`` are frozen
+    buffers measured once on *public* synthetic reference images (no site data, so no
+    privacy cost), the same role ImageNet normalisation constants play for a
+    pretrained model; they are part of the backbone and never travel.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.encoder = ViT(in_channels=1, img_size=spec.image_size, patch_size=spec.patch_size,
+                           hidden_size=spec.hidden_size, mlp_dim=spec.mlp_dim,
+                           num_layers=spec.num_layers, num_heads=spec.num_heads,
+                           spatial_dims=2, classification=False, qkv_bias=True)
+        self.register_buffer("feature_mean", torch.zeros(spec.hidden_size))
+        self.register_buffer("feature_std", torch.ones(spec.hidden_size))
+        self.head = nn.Linear(spec.hidden_size, spec.num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, _ = self.encoder(x)  # (B, num_patches, hidden)
+        return tokens.mean(dim=1)  # (B, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (self.features(x) - self.feature_mean) / self.feature_std
+        return self.head(z)  # (B, num_classes)
+
+    @torch.no_grad()
+    def calibrate(self, reference: torch.Tensor) -> None:
+        """Set the feature standardisation from public reference images (B, 1, H, W)."""
+        f = self.features(reference)
+        self.feature_mean.copy_(f.mean(0))
+        self.feature_std.copy_(f.std(0).clamp_min(1e-6))
+
+
+def public_reference_images(image_size: int, n: int = 256) -> torch.Tensor:
+    """Clean synthetic anatomy (no scanner shift) from a fixed public seed."""
+    from fedimaging.synthetic import ScannerShift, SiteSpec, make_site_data
+
+    ref, _ = make_site_data(SiteSpec("public-reference", n, 4, ScannerShift()),
+                            image_size=image_size, num_classes=3, seed=12345, site_index=0)
+    return ref.tensors[0]
+
+
+def build_model(spec: ModelSpec) -> PeftModel:
+    """Build the frozen backbone and inject LoRA with PEFT.
+
+    Args:
+        spec: The model spec. The same spec yields bit-identical weights.
+
+    Returns:
+        A ``PeftModel`` whose only trainable tensors are LoRA factors and the head.
+    """
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(spec.seed)
+        base = ViTClassifier(spec)
+        base.eval()
+        base.calibrate(public_reference_images(spec.image_size))
+        config = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
+                            target_modules=list(VIT_LORA_TARGETS), modules_to_save=[HEAD])
+        model = get_peft_model(base, config)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return model
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that travel: every trainable parameter, by name, detached on CPU."""
+    return {name: p.detach().cpu().clone() for name, p in _unwrap(model).named_parameters()
+            if p.requires_grad}
+
+
+def load_trainable(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Load adapter and head tensors into ``model``, strictly.
+
+    Raises:
+        ValueError: If a name is missing or unexpected, or a shape does not match; the
+            message lists every mismatch.
+    """
+    params = {n: p for n, p in _unwrap(model).named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    shapes = [f"{n}: expected {tuple(params[n].shape)}, got {tuple(t.shape)}"
+              for n, t in tensors.items() if n in params and params[n].shape != t.shape]
+    if missing or unexpected or shapes:
+        raise ValueError("adapter tensors do not fit the model: "
+                         f"missing={missing[:5]}{'...' if len(missing) > 5 else ''} "
+                         f"unexpected={unexpected[:5]}{'...' if len(unexpected) > 5 else ''} "
+                         f"shape mismatches={shapes[:5]}")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+
+def is_adapter_or_head(name: str) -> bool:
+    """Whether a tensor name belongs to an adapter (LoRA) or to the task head."""
+    return "lora_" in name or f"{HEAD}.modules_to_save" in name
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Strip Opacus' GradSampleModule wrapper, which prefixes names with ``_module.``."""
+    return getattr(model, "_module", model)

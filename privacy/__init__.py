@@ -1,0 +1,1 @@
+"""Differential privacy for fedadapt: Opacus DP-SGD wiring and privacy accounting."""

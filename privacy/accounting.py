@@ -1,0 +1,68 @@
+"""Record-level privacy accounting: pure functions over a history of DP-SGD mechanisms.
+
+A site's spending is the composition of every round it trained in, each round a
+Poisson-subsampled Gaussian mechanism applied ``steps`` times with noise multiplier σ
+and sample rate q. Rounds may differ in (σ, q, steps); Opacus' accountants compose
+such heterogeneous histories (RDP: Mironov 2017, Mironov et al. 2019 "Rényi Differential
+Privacy of the Sampled Gaussian Mechanism"; PRV: Gopi et al. 2021, "Numerical
+Composition of Differential Privacy").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+ACCOUNTANTS = ("rdp", "prv")
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """One round of DP-SGD at one site.
+
+    Attributes:
+        noise_multiplier: σ, noise std divided by the clipping norm.
+        sample_rate: q, the Poisson sampling probability of each record per step.
+        steps: Noisy optimiser steps taken with these parameters.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier > 0:
+            raise ValueError(f"noise_multiplier must be > 0 for a DP guarantee, "
+                             f"got {self.noise_multiplier}")
+        if not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+
+
+def epsilon(history: Iterable[Mechanism], *, delta: float, accountant: str = "rdp") -> float:
+    """ε at ``delta`` of the composition of ``history``.
+
+    Args:
+        history: The mechanisms, in any order (composition is commutative).
+        delta: Target δ, in (0, 1).
+        accountant: ``rdp`` (Opacus RDP, the default) or ``prv`` (Opacus PRV).
+
+    Returns:
+        ε; 0.0 for an empty history.
+
+    Raises:
+        ValueError: On an unknown accountant or a δ outside (0, 1).
+    """
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {accountant!r}; use one of {ACCOUNTANTS}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    steps = [(m.noise_multiplier, m.sample_rate, m.steps) for m in history if m.steps > 0]
+    if not steps:
+        return 0.0
+    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    acc.history = list(steps)
+    return float(acc.get_epsilon(delta=delta))

@@ -1,0 +1,1 @@
+"""The fedadapt ServerApp: strategy, rounds, refusals, evaluation, run directory."""

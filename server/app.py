@@ -1,0 +1,119 @@
+"""The fedadapt ServerApp: runs the rounds of a federation on Flower's Grid.
+
+The round loop is the one of Flower's ``Strategy.start`` (configure → send/receive →
+aggregate, for training then evaluation), kept here so the server can record every
+site's reply, sent bytes and tensor names, and write the run directory as it goes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from fedadapt import keys
+from fedadapt.config import RunConfig
+from fedimaging.backbones import build_model, trainable_state
+from server.progress import Progress
+from server.record import RunLog
+from server.rundir import SCHEMA, new_run_dir, save_adapter, write_json_atomic
+
+ROUND_TIMEOUT_S = 3600.0
+
+
+def _ok(reply: Message) -> bool:
+    return (not reply.has_error() and reply.has_content()
+            and reply.content[keys.STATUS][keys.STATE] == keys.STATE_OK)
+
+
+def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """Run ``cfg.num_server_rounds`` rounds of FedAvg over adapter tensors.
+
+    Args:
+        grid: Flower's Grid (simulation or deployment).
+        cfg: The run config.
+        run_dir: Where ``summary.json`` and the adapter go.
+
+    Returns:
+        The summary that was written to ``run_dir / "summary.json"``.
+    """
+    started = time.time()
+    model = build_model(cfg.model_spec())
+    arrays = ArrayRecord(trainable_state(model))
+    del model
+    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0,
+                      min_available_nodes=cfg.num_sites, min_train_nodes=1,
+                      min_evaluate_nodes=1, arrayrecord_key=keys.ARRAYS,
+                      configrecord_key=keys.CONFIG, weighted_by_key=keys.NUM_EXAMPLES)
+    train_cfg = ConfigRecord({
+        keys.LOCAL_EPOCHS: cfg.local_epochs, keys.LR: cfg.lr, keys.BATCH_SIZE: cfg.batch_size,
+        keys.DP_ENABLED: cfg.dp, keys.NOISE_MULTIPLIER: cfg.noise_multiplier,
+        keys.MAX_GRAD_NORM: cfg.max_grad_norm})
+    log = RunLog()
+    progress = Progress(cfg.num_server_rounds, dp=cfg.dp)
+    for rnd in range(1, cfg.num_server_rounds + 1):
+        rlog = log.new_round(rnd)
+        train_cfg[keys.SERVER_ROUND] = rnd
+        messages = list(strategy.configure_train(rnd, arrays, train_cfg, grid))
+        log.sent(rlog, messages)
+        replies = list(grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S))
+        good = []
+        for reply in replies:
+            if _ok(reply):
+                log.trained(rlog, reply)
+                good.append(reply)
+            else:
+                log.failed(rlog, reply, "train")
+        new_arrays, _ = strategy.aggregate_train(rnd, good) if good else (None, None)
+        if new_arrays is not None:
+            arrays = new_arrays
+        eval_cfg = ConfigRecord({keys.SERVER_ROUND: rnd})
+        messages = list(strategy.configure_evaluate(rnd, arrays, eval_cfg, grid))
+        log.sent(rlog, messages)
+        for reply in grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S):
+            if _ok(reply):
+                log.evaluated(rlog, reply)
+            else:
+                log.failed(rlog, reply, "evaluate")
+        progress.round(rlog)
+    adapter = save_adapter(run_dir, cfg, arrays)
+    summary = {
+        "schema": SCHEMA,
+        "run_dir": str(run_dir),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "duration_s": round(time.time() - started, 3),
+        "config": cfg.to_mapping(),
+        "privacy": {"unit": "record", "accountant": "rdp", "dp": cfg.dp, "delta": cfg.delta,
+                    "noise_multiplier": cfg.noise_multiplier if cfg.dp else 0.0,
+                    "max_grad_norm": cfg.max_grad_norm},
+        "sites": log.sites,
+        "rounds": [r.to_json() for r in log.rounds],
+        "wire": {"tensor_names": sorted(log.wire_tensors),
+                 "num_tensors": len(log.wire_tensors),
+                 "bytes_per_direction_per_site": sum(
+                     a.numel() * a.element_size() for a in arrays.to_torch_state_dict().values())},
+        "adapter_dir": str(adapter.relative_to(run_dir)),
+    }
+    write_json_atomic(run_dir / "summary.json", summary)
+    progress.done(summary)
+    return summary
+
+
+def build_server_app(run_config: Mapping[str, Any] | None = None,
+                     run_dir: Path | None = None) -> ServerApp:
+    """A ServerApp; ``run_config`` overrides ``context.run_config`` (used by ``simulate``)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        cfg = RunConfig.from_mapping({**context.run_config, **(run_config or {})})
+        run_federation(grid, cfg, run_dir or new_run_dir(cfg.out_dir))
+
+    return server_app
+
+
+app = build_server_app()

@@ -1,0 +1,92 @@
+"""What the server saw during a run, kept per round and per site, for ``summary.json``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, Message
+
+from fedadapt import keys
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Bytes of tensor data in an ArrayRecord, as serialised on the wire."""
+    return sum(len(array.data) for array in record.values())
+
+
+@dataclass
+class RoundLog:
+    """One round: per-site training and evaluation metrics, bytes, refusals, failures."""
+
+    round: int
+    train: dict[str, dict[str, float]] = field(default_factory=dict)
+    evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    refusals: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    def accuracy(self) -> float | None:
+        """Evaluation accuracy weighted by each site's held-out size."""
+        n = sum(m["num_examples"] for m in self.evaluate.values())
+        if not n:
+            return None
+        return sum(m["accuracy"] * m["num_examples"] for m in self.evaluate.values()) / n
+
+    def to_json(self) -> dict[str, Any]:
+        return {"round": self.round, "train": self.train, "evaluate": self.evaluate,
+                "accuracy": self.accuracy(),
+                "bytes": {"down": self.bytes_down, "up": self.bytes_up,
+                          "total": self.bytes_down + self.bytes_up},
+                "refusals": self.refusals, "failures": self.failures}
+
+
+@dataclass
+class RunLog:
+    """All rounds of a run plus the names of every tensor that crossed the wire."""
+
+    rounds: list[RoundLog] = field(default_factory=list)
+    wire_tensors: set[str] = field(default_factory=set)
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def new_round(self, rnd: int) -> RoundLog:
+        self.rounds.append(RoundLog(rnd))
+        return self.rounds[-1]
+
+    def sent(self, log: RoundLog, messages: list[Message]) -> None:
+        for msg in messages:
+            rec = msg.content[keys.ARRAYS]
+            self.wire_tensors.update(rec.keys())
+            log.bytes_down += payload_bytes(rec)
+
+    def site_of(self, reply: Message) -> str:
+        return str(reply.content[keys.STATUS][keys.SITE_ID])
+
+    def trained(self, log: RoundLog, reply: Message) -> None:
+        rec = reply.content[keys.ARRAYS]
+        self.wire_tensors.update(rec.keys())
+        log.bytes_up += payload_bytes(rec)
+        m = reply.content[keys.METRICS]
+        site = self.site_of(reply)
+        log.train[site] = {"loss": float(m[keys.TRAIN_LOSS]), "epsilon": float(m[keys.EPSILON]),
+                           "epsilon_round": float(m[keys.EPSILON_ROUND]),
+                           "delta": float(m[keys.DELTA]), "steps": int(m[keys.STEPS]),
+                           "sample_rate": float(m[keys.SAMPLE_RATE]),
+                           "num_examples": int(m[keys.NUM_EXAMPLES])}
+        info = self.sites.setdefault(site, {"partition_id": int(m[keys.PARTITION_ID])})
+        info.update(num_train=int(m[keys.NUM_EXAMPLES]), epsilon=float(m[keys.EPSILON]),
+                    delta=float(m[keys.DELTA]))
+
+    def evaluated(self, log: RoundLog, reply: Message) -> None:
+        m = reply.content[keys.METRICS]
+        site = self.site_of(reply)
+        log.evaluate[site] = {"loss": float(m[keys.EVAL_LOSS]), "accuracy": float(m[keys.EVAL_ACC]),
+                              "num_examples": int(m[keys.NUM_EXAMPLES])}
+        info = self.sites.setdefault(site, {"partition_id": int(m[keys.PARTITION_ID])})
+        info.update(num_test=int(m[keys.NUM_EXAMPLES]), final_accuracy=float(m[keys.EVAL_ACC]))
+
+    def failed(self, log: RoundLog, reply: Message, stage: str) -> None:
+        err = reply.error if reply.has_error() else None
+        log.failures.append({"node_id": reply.metadata.src_node_id, "stage": stage,
+                             "reason": f"{err.code}: {err.reason}" if err else "no content"})

@@ -1,0 +1,1 @@
+"""Simulated federations of hospitals on Flower's Simulation Engine."""

@@ -1,0 +1,1 @@
+"""Aggregation of adapter updates on Flower's Strategy API."""
