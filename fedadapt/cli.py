@@ -1,98 +1,32 @@
 """The ``fedadapt`` command: subcommands that call into the packages.
 
-``fedadapt simulate`` runs a simulated federation of hospitals on Flower's Simulation
-Engine; with no arguments it runs the default federation of three hospitals.
+Each subcommand lives in its own module ``fedadapt/cmd_<name>.py`` with a
+``register(subparsers)`` function; add a module to ``COMMANDS`` to add a subcommand.
+A subcommand's function returns the exit code; ``ConfigError``/``ValueError`` (bad
+input) become exit code 2 with the message on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Sequence
 
-from fedadapt.config import DEVICES, ConfigError, RunConfig
+from fedadapt.config import ConfigError
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
-
-
-def _add_simulate(sub: argparse._SubParsersAction) -> None:
-    d = RunConfig()
-    p = sub.add_parser("simulate", help="run a simulated federation of hospitals",
-                       description="Run a federation of simulated hospitals on Flower's "
-                       "Simulation Engine and write runs/<timestamp>/ with summary.json "
-                       "and the final adapter in PEFT format.")
-    p.add_argument("--rounds", type=_positive_int, default=d.num_server_rounds,
-                   help=f"federated rounds (default {d.num_server_rounds})")
-    p.add_argument("--sites", type=_positive_int, default=d.num_sites,
-                   help=f"simulated hospitals (default {d.num_sites})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
-    p.add_argument("--out", default=d.out_dir, help=f"parent of the run directory "
-                   f"(default {d.out_dir}/)")
-    p.add_argument("--device", choices=DEVICES, default=d.device,
-                   help="auto: CUDA when available (default), else CPU")
-    p.add_argument("--gpu-fraction", type=float, default=0.5,
-                   help="share of a GPU each site reserves on CUDA (default 0.5)")
-    p.add_argument("--no-dp", action="store_true", help="train without differential privacy")
-    p.add_argument("--noise-multiplier", type=_nonneg_float, default=d.noise_multiplier,
-                   help=f"DP-SGD noise multiplier sigma (default {d.noise_multiplier})")
-    p.add_argument("--max-grad-norm", type=_nonneg_float, default=d.max_grad_norm,
-                   help=f"DP-SGD clipping norm (default {d.max_grad_norm})")
-    p.add_argument("--local-epochs", type=_positive_int, default=d.local_epochs,
-                   help=f"local epochs per round (default {d.local_epochs})")
-    p.add_argument("--lr", type=_nonneg_float, default=d.lr, help=f"learning rate (default {d.lr})")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
-                   help=f"expected batch size (default {d.batch_size})")
-    p.add_argument("--train-size", type=_positive_int, default=d.site_train_size,
-                   help=f"training records at the largest site (default {d.site_train_size})")
-    p.add_argument("--test-size", type=_positive_int, default=d.site_test_size,
-                   help=f"held-out records at the largest site (default {d.site_test_size})")
-    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
-    p.add_argument("--verbose", action="store_true", help="show Flower's own log")
-    p.set_defaults(func=_simulate)
-
-
-def _simulate(args: argparse.Namespace) -> int:
-    cfg = RunConfig(num_server_rounds=args.rounds, num_sites=args.sites, seed=args.seed,
-                    out_dir=args.out, device=args.device, dp=not args.no_dp,
-                    noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm,
-                    local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size,
-                    site_train_size=args.train_size, site_test_size=args.test_size,
-                    amp=not args.no_amp)
-    if cfg.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was given but torch sees no CUDA device; install "
-                              "a CUDA build of torch (see README) or use --device auto")
-    from simulations.runner import simulate
-
-    run_dir = simulate(cfg, gpu_fraction=args.gpu_fraction, verbose=args.verbose)
-    print(f"summary: {run_dir / 'summary.json'}\nadapter: {run_dir / 'adapter'}")
-    return 0
+COMMANDS = (
+    "fedadapt.cmd_simulate",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedadapt", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fedadapt", description="Federated, private, continual adaptation of medical "
+        "imaging foundation models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_simulate(sub)
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
     return parser
 
 
