@@ -118,6 +118,7 @@ def build_model(spec: ModelSpec) -> PeftModel:
         base = ViTClassifier(spec)
         base.eval()
         base.calibrate(public_reference_images(spec.image_size))
+        base.train()
         config = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
                             target_modules=list(VIT_LORA_TARGETS), modules_to_save=[HEAD])
         model = get_peft_model(base, config)
