@@ -59,10 +59,13 @@ def site_from_context(run_config: Mapping[str, Any], node_config: Mapping[str, A
         raise ValueError(f"node config has no '{keys.NODE_PARTITION_ID}'; start the SuperNode "
                          f"with --node-config \"{keys.NODE_PARTITION_ID}=<index>\"")
     index = int(node_config[keys.NODE_PARTITION_ID])
-    if not 0 <= index < cfg.num_sites:
-        raise ValueError(f"partition-id {index} is outside 0..{cfg.num_sites - 1} "
-                         f"(num-sites = {cfg.num_sites})")
-    sites = default_sites(cfg.num_sites, cfg.site_train_size, cfg.site_test_size, cfg.seed)
+    # The federation's real size: Flower's num-partitions (e.g. `options.num-supernodes`
+    # under `flwr run`) when the node config has it, else the run config's num-sites.
+    num_sites = int(node_config.get(keys.NODE_NUM_PARTITIONS, cfg.num_sites))
+    if not 0 <= index < num_sites:
+        raise ValueError(f"partition-id {index} is outside 0..{num_sites - 1} "
+                         f"(the federation has {num_sites} sites)")
+    sites = default_sites(num_sites, cfg.site_train_size, cfg.site_test_size, cfg.seed)
     return Site(index=index, spec=sites[index], run=cfg)
 
 
