@@ -21,6 +21,23 @@ from torch import nn
 Remap = Sequence[tuple[str, str | None]]
 
 
+#: timm/MAE-style ViT names (RETFound, DINOv2, MedSAM's ViT-B encoder layout) onto the
+#: registry's MONAI ViT (``vit-b16``/``vit-2d``). MONAI's ViT has no class token: drop
+#: ``cls_token`` and the first row of ``pos_embed`` before loading if the checkpoint has one.
+TIMM_VIT_REMAP: tuple[tuple[str, str | None], ...] = (
+    (r"^(decoder|mask_token|cls_token|fc_norm|head\.)", None),
+    (r"^norm\.", "encoder.norm."),
+    (r"^patch_embed\.proj\.", "encoder.patch_embedding.patch_embeddings."),
+    (r"^pos_embed$", "encoder.patch_embedding.position_embeddings"),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.blocks.\1.attn.out_proj."),
+    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"encoder.blocks.\1.mlp.linear1."),
+    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"encoder.blocks.\1.mlp.linear2."),
+    (r"^blocks\.", "encoder.blocks."),
+)
+#: Registry tensors a timm-style encoder checkpoint does not have.
+TIMM_VIT_ALLOW_MISSING = (r"^head\.", r"^encoder\.norm\.", r"norm_cross_attn")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the backbone."""
 

@@ -5,7 +5,8 @@ import torch
 from opacus import GradSampleModule
 
 from fedimaging.registry import REGISTRY, attach_peft, build_backbone, check_dp, get_backbone
-from fedimaging.weights import CheckpointError, load_weights, save_weights
+from fedimaging.weights import (TIMM_VIT_ALLOW_MISSING, TIMM_VIT_REMAP, CheckpointError,
+                                load_weights, save_weights)
 
 TINY = dict(img_size=(16, 16), num_layers=2, hidden_size=32, mlp_dim=64, num_heads=2)
 
@@ -109,3 +110,32 @@ def test_lora_per_sample_grads_exact_but_ia3_has_none_and_dora_breaks():
     dora = attach_peft(build_backbone("vit-2d", **one), "vit-2d", method="dora", rank=4)
     with pytest.raises(TypeError):
         _per_sample_vs_autograd(dora, x, y)
+
+
+def test_timm_style_vit_checkpoint_loads_with_shipped_table(tmp_path):
+    """A RETFound/DINOv2-style (timm names, MAE decoder, class token) checkpoint."""
+    from safetensors.torch import save_file
+    src = build_backbone("vit-2d", seed=0, **TINY)
+    to_timm = [(r"^encoder\.patch_embedding\.patch_embeddings\.", "patch_embed.proj."),
+               (r"^encoder\.patch_embedding\.position_embeddings$", "pos_embed"),
+               (r"\.attn\.out_proj\.", ".attn.proj."), (r"\.mlp\.linear1\.", ".mlp.fc1."),
+               (r"\.mlp\.linear2\.", ".mlp.fc2."), (r"^encoder\.", "")]
+    import re
+    state = {}
+    for k, v in src.state_dict().items():
+        if k.startswith("head.") or "norm_cross_attn" in k:
+            continue
+        for pat, rep in to_timm:
+            k = re.sub(pat, rep, k)
+        state[k] = v.contiguous()
+    assert "blocks.0.attn.proj.weight" in state and "norm.weight" in state
+    state.update({"cls_token": torch.zeros(1, 1, 32), "mask_token": torch.zeros(1, 1, 32),
+                  "decoder_embed.weight": torch.zeros(8, 32), "head.weight": torch.zeros(9, 32)})
+    save_file(state, str(tmp_path / "retfound-like.safetensors"))
+    dst = build_backbone("vit-2d", seed=1, **TINY)
+    report = load_weights(dst, tmp_path / "retfound-like.safetensors", remap=TIMM_VIT_REMAP,
+                          allow_missing=TIMM_VIT_ALLOW_MISSING)
+    assert report.ok
+    x = torch.randn(2, 1, 16, 16)
+    src.eval(), dst.eval()
+    torch.testing.assert_close(src.encoder(x)[0], dst.encoder(x)[0])
