@@ -49,3 +49,29 @@ def test_classification_metrics_multiclass_and_multilabel():
     yl = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]])
     ml = classification_metrics(torch.where(yl == 1, 3.0, -3.0), yl, multilabel=True)
     assert ml == {"accuracy": 1.0, "balanced_accuracy": 1.0, "auc": 1.0}
+
+
+def test_3d_segmentation_and_classification_under_dp(one_thread):
+    from client.train import train
+
+    dp = DPRequest(noise_multiplier=1.0, max_grad_norm=1.0)
+    seg = attach_peft(build_backbone("unetr-3d", num_classes=2, img_size=(16, 16, 16),
+                                     hidden_size=32, mlp_dim=64, num_heads=2, feature_size=8),
+                      "unetr-3d", rank=4)
+    res = train_segmentation(seg, synthetic_segmentation(4, 16, seed=0, spatial_dims=3),
+                             epochs=1, lr=0.05, batch_size=2, seed=0, dp=dp)
+    assert res.steps >= 1
+    _, dice = evaluate_segmentation(getattr(seg, "_module", seg),
+                                    synthetic_segmentation(2, 16, seed=1, spatial_dims=3),
+                                    num_classes=2)
+    assert 0.0 <= dice <= 1.0
+    check_dp("vit-3d", "lora")
+    cls = attach_peft(build_backbone("vit-3d", num_classes=3, img_size=(16, 16, 16),
+                                     num_layers=1, hidden_size=32, mlp_dim=64, num_heads=2),
+                      "vit-3d", rank=4)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 16, 16, 16),
+                                          torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    before = [p.detach().clone() for p in cls.parameters() if p.requires_grad]
+    train(cls, data, epochs=1, lr=0.05, batch_size=4, device=torch.device("cpu"), seed=0, dp=dp)
+    after = [p for p in cls.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
