@@ -139,3 +139,21 @@ def test_timm_style_vit_checkpoint_loads_with_shipped_table(tmp_path):
     x = torch.randn(2, 1, 16, 16)
     src.eval(), dst.eval()
     torch.testing.assert_close(src.encoder(x)[0], dst.encoder(x)[0])
+
+
+def test_unetr_lora_adapter_round_trips_in_peft_format(tmp_path):
+    from peft import PeftModel
+
+    kw = dict(num_classes=2, img_size=(32, 32), hidden_size=32, mlp_dim=64, num_heads=2,
+              feature_size=8)
+    model = attach_peft(build_backbone("unetr-2d", seed=3, **kw), "unetr-2d", rank=4)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    loaded = PeftModel.from_pretrained(build_backbone("unetr-2d", seed=3, **kw),
+                                       str(tmp_path / "adapter"))
+    x = torch.randn(2, 1, 32, 32)
+    model.eval(), loaded.eval()
+    torch.testing.assert_close(model(x), loaded(x))
