@@ -17,6 +17,7 @@ from fedadapt.config import ConfigError
 
 COMMANDS = (
     "fedadapt.cmd_simulate",
+    "fedadapt.cmd_audit_empirical",
 )
 
 
