@@ -45,6 +45,8 @@ class RunConfig:
         image_size: Side of the square synthetic images, in pixels.
         num_classes: Classes of the synthetic classification task.
         out_dir: Parent folder of the run directory ``<out_dir>/<timestamp>/``.
+        scenario: A scenario name or TOML path (``simulations/scenarios/``) whose sites
+            replace the default synthetic hospitals; empty for the defaults.
     """
 
     num_server_rounds: int = 5
@@ -66,6 +68,7 @@ class RunConfig:
     image_size: int = 32
     num_classes: int = 3
     out_dir: str = "runs"
+    scenario: str = ""
 
     def __post_init__(self) -> None:
         errors = []
