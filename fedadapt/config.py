@@ -53,14 +53,14 @@ class RunConfig:
     num_sites: int = 3
     seed: int = 0
     local_epochs: int = 2
-    lr: float = 0.02
+    lr: float = 0.05
     batch_size: int = 32
     dp: bool = True
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     delta: float = 1e-5
     lora_rank: int = 8
-    lora_alpha: int = 16
+    lora_alpha: int = 4
     device: str = "auto"
     amp: bool = True
     site_train_size: int = 480

@@ -95,12 +95,21 @@ class ViTClassifier(nn.Module):
 
 
 def public_reference_images(image_size: int, n: int = 256) -> torch.Tensor:
-    """Clean synthetic anatomy (no scanner shift) from a fixed public seed."""
+    """Synthetic anatomy through a spread of public scanners, from a fixed public seed.
+
+    The reference spans scanner variability (gain, gamma, noise, blur, bias field), so
+    the standardisation it yields is not tuned to any one site's scanner.
+    """
     from fedimaging.synthetic import ScannerShift, SiteSpec, make_site_data
 
-    ref, _ = make_site_data(SiteSpec("public-reference", n, 4, ScannerShift()),
-                            image_size=image_size, num_classes=3, seed=12345, site_index=0)
-    return ref.tensors[0]
+    scanners = [ScannerShift(), ScannerShift(1.3, 0.7, 0.08, 0.0, 0.3),
+                ScannerShift(0.7, 1.4, 0.04, 1.0, 0.1), ScannerShift(1.0, 1.0, 0.1, 0.5, 0.4)]
+    parts = []
+    for k, shift in enumerate(scanners):
+        ref, _ = make_site_data(SiteSpec(f"public-reference-{k}", n // len(scanners), 4, shift),
+                                image_size=image_size, num_classes=3, seed=12345, site_index=k)
+        parts.append(ref.tensors[0])
+    return torch.cat(parts)
 
 
 def build_model(spec: ModelSpec) -> PeftModel:

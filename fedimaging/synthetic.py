@@ -66,7 +66,7 @@ class SiteSpec:
 # with a strong bias field; a blurry one with a flattened contrast curve.
 _DEFAULT_SHIFTS = (
     ScannerShift(intensity_scale=1.2, gamma=0.8, noise_std=0.03, blur_sigma=0.0, bias_coeff=0.1),
-    ScannerShift(intensity_scale=0.7, gamma=1.2, noise_std=0.10, blur_sigma=0.0, bias_coeff=0.4),
+    ScannerShift(intensity_scale=0.7, gamma=1.2, noise_std=0.07, blur_sigma=0.0, bias_coeff=0.25),
     ScannerShift(intensity_scale=1.0, gamma=1.5, noise_std=0.05, blur_sigma=1.0, bias_coeff=0.2),
 )
 _DEFAULT_LABEL_WEIGHTS = ((1.0, 1.0, 1.0), (2.0, 1.0, 1.0), (1.0, 1.0, 2.0))
