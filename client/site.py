@@ -17,6 +17,7 @@ from fedadapt import keys
 from fedadapt.config import RunConfig
 from fedimaging.backbones import ModelSpec
 from fedimaging.synthetic import SiteSpec, default_sites, make_site_data
+from simulations.scenario import Scenario, load_scenario, site_data
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,13 @@ class Site:
         index: The site's partition id (0-based).
         spec: Name, sizes, scanner shift and label mix.
         run: The run config the site was started with.
+        scenario: The scenario the site comes from (``run.scenario``), or None.
     """
 
     index: int
     spec: SiteSpec
     run: RunConfig
+    scenario: Scenario | None = None
 
     @property
     def name(self) -> str:
@@ -42,7 +45,10 @@ class Site:
         return self.run.model_spec()
 
     def datasets(self) -> tuple[TensorDataset, TensorDataset]:
-        """``(train, test)`` for this site, generated locally and deterministically."""
+        """``(train, test)`` for this site: from its scenario (files or generated), else
+        generated locally and deterministically."""
+        if self.scenario is not None:
+            return site_data(self.scenario, self.index)
         return make_site_data(self.spec, image_size=self.run.image_size,
                               num_classes=self.run.num_classes, seed=self.run.seed,
                               site_index=self.index)
@@ -65,6 +71,12 @@ def site_from_context(run_config: Mapping[str, Any], node_config: Mapping[str, A
     if not 0 <= index < num_sites:
         raise ValueError(f"partition-id {index} is outside 0..{num_sites - 1} "
                          f"(the federation has {num_sites} sites)")
+    if cfg.scenario:
+        sc = load_scenario(cfg.scenario)
+        if len(sc.sites) != num_sites:
+            raise ValueError(f"scenario {cfg.scenario!r} has {len(sc.sites)} sites but the "
+                             f"federation has {num_sites}; start one SuperNode per site")
+        return Site(index=index, spec=sc.sites[index].spec, run=cfg, scenario=sc)
     sites = default_sites(num_sites, cfg.site_train_size, cfg.site_test_size, cfg.seed)
     return Site(index=index, spec=sites[index], run=cfg)
 
