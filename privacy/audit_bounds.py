@@ -4,8 +4,9 @@ Two estimators turn the outcome of a membership game on canaries into an ε lowe
 that holds with probability ``confidence``:
 
 * ``one_run_epsilon_lower`` — the one-run audit of Steinke, Nasr & Jagielski (NeurIPS
-  2023, "Privacy auditing with one (1) training run", Theorem 3.1 / Proposition 5.2 and
-  their Algorithm for (ε, δ)): m canaries, each included independently with
+  2023, "Privacy auditing with one (1) training run", arXiv:2305.08846, the (ε, δ)
+  p-value of their Section 5 as computed by Appendix D's ``p_value_DP_audit`` /
+  ``get_eps_audit``): m canaries, each included independently with
   probability 1/2; the auditor makes r guesses and v are correct. For an (ε, δ)-DP
   mechanism, P[V ≥ v] ≤ P[Binomial(r, e^ε/(1+e^ε)) ≥ v] + 2mδ·α(v), so the largest ε
   whose p-value is still below 1 − confidence is a valid lower bound.
@@ -42,8 +43,7 @@ def _check_confidence(confidence: float) -> None:
 def one_run_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
     """P-value of observing ≥ ``v`` correct of ``r`` guesses under (ε, δ)-DP.
 
-    Steinke, Nasr & Jagielski 2023 (one-run auditing, the (ε, δ) bound of their
-    Section 5 / Appendix algorithm): with q = e^ε / (1 + e^ε),
+    Steinke, Nasr & Jagielski 2023 (Appendix D, ``p_value_DP_audit``): with q = e^ε / (1 + e^ε),
     β = P[Binomial(r, q) ≥ v] and α = max_{1≤i≤v} P[v − i ≤ Binomial(r, q) < v] / i,
     the p-value is min(1, β + 2 m δ α).
 
