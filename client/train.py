@@ -51,7 +51,7 @@ def _autocast(device: torch.device, amp: bool) -> torch.autocast:
 
 def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_size: int,
           device: torch.device, seed: int, dp: DPRequest | None = None,
-          amp: bool = False) -> TrainResult:
+          amp: bool = False, proximal_mu: float = 0.0) -> TrainResult:
     """Train the trainable tensors of ``model`` on ``dataset`` in place.
 
     Args:
@@ -64,6 +64,10 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
         seed: Seeds shuffling / Poisson sampling and the DP noise.
         dp: DP-SGD parameters; ``None`` trains without DP.
         amp: bf16 autocast on CUDA.
+        proximal_mu: FedProx (Li et al., MLSys 2020) weight μ of ``μ/2‖w − w_global‖²`` on
+            the trainable (adapter + head) tensors. Applied as a separate, data-independent
+            step ``w ← w − lr·μ·(w − w_global)`` after each optimiser step, so under DP-SGD
+            it is outside clipping and noise and costs no privacy.
 
     Returns:
         The round's ``TrainResult``.
@@ -72,6 +76,7 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen)
     params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
     n = len(dataset)  # type: ignore[arg-type]
     sample_rate = min(1.0, batch_size / n)
@@ -85,18 +90,19 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
     steps, total = 0, 0.0
     for _ in range(epochs):
         for x, y in loader:
-            if len(y) == 0:  # Poisson sampling can draw an empty batch; still a step
-                optimizer.zero_grad(set_to_none=True)
-                optimizer.step()
-                steps += 1
-                continue
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
             with _autocast(device, amp):
                 logits = net(x)
-            loss = loss_fn(logits.float(), y)
+            # Poisson sampling can draw an empty batch: it is still a step, and Opacus
+            # still adds the noise; a zero loss gives it (0, ...)-shaped grad samples.
+            loss = loss_fn(logits.float(), y) if len(y) else logits.float().sum() * 0.0
             loss.backward()
             optimizer.step()
+            if anchor:
+                with torch.no_grad():
+                    for p, p0 in zip(params, anchor):
+                        p.sub_(lr * proximal_mu * (p - p0))
             steps += 1
             total += loss.item()
     if dp is not None:

@@ -69,3 +69,17 @@ def test_device_selection_and_resources():
             resolve_device("cuda")
         res = backend_config(RunConfig(device="auto"), gpu_fraction=0.5)
         assert res["client_resources"] == {"num_cpus": 1, "num_gpus": 0.0}
+
+
+def test_empty_poisson_batches_are_noisy_steps():
+    # 4 records, expected batch 1: q = 1/4, so about a third of the steps draw no record.
+    model = build_model(SPEC)
+    train_set, _ = _data(n=8)
+    small = torch.utils.data.TensorDataset(*(t[:4] for t in train_set.tensors))
+    before = trainable_state(model)
+    res = train(model, small, epochs=5, lr=0.05, batch_size=1, device=torch.device("cpu"),
+                seed=3, dp=DPRequest(noise_multiplier=1.0, max_grad_norm=1.0))
+    assert res.steps == 20 and res.sample_rate == pytest.approx(0.25)
+    after = trainable_state(model)
+    assert all(torch.isfinite(t).all() for t in after.values())
+    assert any(not torch.equal(after[n], before[n]) for n in after)
