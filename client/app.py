@@ -29,6 +29,13 @@ def _site(context: Context, run_config: Mapping[str, Any] | None) -> Site:
 
 def _model(site: Site, msg: Message):
     model = build_model(site.model_spec())
+    req = msg.content.config_records.get(keys.CONFIG)
+    if req is not None and bool(req.get(keys.FREEZE_LORA_A, False)):
+        # FFA-LoRA (Sun et al., ICLR 2024): A stays at the seed shared by all sites, so
+        # it is neither trained nor sent, and averaging B alone is exact.
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
     load_trainable(model, msg.content[keys.ARRAYS].to_torch_state_dict())
     return model
 
@@ -63,7 +70,8 @@ def handle_train(msg: Message, context: Context,
     train_set, _ = site.datasets()
     result = train(model, train_set, epochs=int(req[keys.LOCAL_EPOCHS]), lr=float(req[keys.LR]),
                    batch_size=int(req[keys.BATCH_SIZE]), device=device,
-                   seed=hash((site.run.seed, site.index, rnd)) % 2**31, dp=dp, amp=site.run.amp)
+                   seed=hash((site.run.seed, site.index, rnd)) % 2**31, dp=dp, amp=site.run.amp,
+                   proximal_mu=float(req.get(keys.PROXIMAL_MU, 0.0)))
     eps_total = eps_round = 0.0
     if dp is not None:
         mech = Mechanism(dp.noise_multiplier, result.sample_rate, result.steps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from fedadapt.config import DEVICES, ConfigError, RunConfig
+from strategies.names import STRATEGIES
 
 
 def _positive_int(text: str) -> int:
@@ -63,6 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scenario", default="", metavar="NAME_OR_PATH",
                    help="a classification scenario (simulations/scenarios/NAME.toml or a "
                    ".toml path); it sets the sites, image size, classes and seed")
+    p.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
+                   help=f"aggregation strategy (default {d.strategy}; ffa-lora is exact under DP)")
     p.add_argument("--verbose", action="store_true", help="show Flower's own log")
     p.set_defaults(func=_simulate)
 
@@ -92,7 +95,7 @@ def _simulate(args: argparse.Namespace) -> int:
                     noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm,
                     local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size,
                     site_train_size=args.train_size, site_test_size=args.test_size,
-                    amp=not args.no_amp)
+                    amp=not args.no_amp, strategy=args.strategy)
     if args.scenario:
         cfg = _with_scenario(cfg, args.scenario)
     if cfg.device == "cuda":

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Mapping
 
+from strategies.names import STRATEGIES
+
 if TYPE_CHECKING:
     from fedimaging.backbones import ModelSpec
 
@@ -47,6 +49,9 @@ class RunConfig:
         out_dir: Parent folder of the run directory ``<out_dir>/<timestamp>/``.
         scenario: A scenario name or TOML path (``simulations/scenarios/``) whose sites
             replace the default synthetic hospitals; empty for the defaults.
+        strategy: Aggregation strategy (``strategies/``): fedavg, ffa-lora,
+            exact, median, trimmed-mean, fedprox, fedadam, fedyogi.
+        proximal_mu: FedProx proximal weight μ (used by ``fedprox``).
     """
 
     num_server_rounds: int = 5
@@ -69,6 +74,8 @@ class RunConfig:
     num_classes: int = 3
     out_dir: str = "runs"
     scenario: str = ""
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
 
     def __post_init__(self) -> None:
         errors = []
@@ -95,6 +102,8 @@ class RunConfig:
              "a multiple of 4, at least 16")
         need(2 <= self.num_classes <= 3, "num-classes", "2 or 3 (the synthetic task has 3 classes)")
         need(bool(self.out_dir), "out-dir", "a folder path")
+        need(self.strategy in STRATEGIES, "strategy", f"one of {', '.join(STRATEGIES)}")
+        need(self.proximal_mu >= 0, "proximal-mu", "a number >= 0")
         if self.dp and self.noise_multiplier == 0:
             errors.append("'noise-multiplier' is 0 while 'dp' is on: that is no privacy at all; "
                           "set a positive noise multiplier or turn DP off explicitly (--no-dp)")

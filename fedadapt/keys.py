@@ -21,6 +21,8 @@ DP_ENABLED: Final = "dp-enabled"
 NOISE_MULTIPLIER: Final = "noise-multiplier"
 MAX_GRAD_NORM: Final = "max-grad-norm"
 RUN_ID: Final = "run-id"
+FREEZE_LORA_A: Final = "freeze-lora-a"  # FFA-LoRA: sites keep lora_A at the shared seed
+PROXIMAL_MU: Final = "proximal-mu"  # FedProx μ (Flower's FedProx sets this key)
 
 # --- MetricRecord replied by a site ----------------------------------------------
 NUM_EXAMPLES: Final = "num-examples"  # Flower's default weighting key

@@ -13,7 +13,6 @@ from typing import Any, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from fedadapt import keys
 from fedadapt.config import RunConfig
@@ -21,6 +20,8 @@ from fedimaging.backbones import build_model, trainable_state
 from server.progress import Progress
 from server.record import RunLog
 from server.rundir import SCHEMA, new_run_dir, save_adapter, write_json_atomic
+from strategies.factory import build_strategy, freezes_lora_a
+from strategies.lora_math import LORA_A
 
 ROUND_TIMEOUT_S = 3600.0
 
@@ -43,16 +44,16 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """
     started = time.time()
     model = build_model(cfg.model_spec())
-    arrays = ArrayRecord(trainable_state(model))
+    state = trainable_state(model)
     del model
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0,
-                      min_available_nodes=cfg.num_sites, min_train_nodes=1,
-                      min_evaluate_nodes=1, arrayrecord_key=keys.ARRAYS,
-                      configrecord_key=keys.CONFIG, weighted_by_key=keys.NUM_EXAMPLES)
+    frozen_a = freezes_lora_a(cfg.strategy)  # FFA-LoRA: A stays at the seed, never travels
+    kept_a = {n: t for n, t in state.items() if frozen_a and LORA_A in n}
+    arrays = ArrayRecord({n: t for n, t in state.items() if n not in kept_a})
+    strategy = build_strategy(cfg.strategy, cfg)
     train_cfg = ConfigRecord({
         keys.LOCAL_EPOCHS: cfg.local_epochs, keys.LR: cfg.lr, keys.BATCH_SIZE: cfg.batch_size,
         keys.DP_ENABLED: cfg.dp, keys.NOISE_MULTIPLIER: cfg.noise_multiplier,
-        keys.MAX_GRAD_NORM: cfg.max_grad_norm})
+        keys.MAX_GRAD_NORM: cfg.max_grad_norm, keys.FREEZE_LORA_A: frozen_a})
     log = RunLog()
     progress = Progress(cfg.num_server_rounds, dp=cfg.dp)
     for rnd in range(1, cfg.num_server_rounds + 1):
@@ -69,9 +70,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             else:
                 log.failed(rlog, reply, "train")
         new_arrays, _ = strategy.aggregate_train(rnd, good) if good else (None, None)
+        rlog.rejected.extend(getattr(strategy, "rejected", {}).get(rnd, []))
         if new_arrays is not None:
             arrays = new_arrays
-        eval_cfg = ConfigRecord({keys.SERVER_ROUND: rnd})
+        eval_cfg = ConfigRecord({keys.SERVER_ROUND: rnd, keys.FREEZE_LORA_A: frozen_a})
         messages = list(strategy.configure_evaluate(rnd, arrays, eval_cfg, grid))
         log.sent(rlog, messages)
         for reply in grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S):
@@ -80,7 +82,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             else:
                 log.failed(rlog, reply, "evaluate")
         progress.round(rlog)
-    adapter = save_adapter(run_dir, cfg, arrays)
+    adapter = save_adapter(run_dir, cfg, ArrayRecord(
+        {**kept_a, **arrays.to_torch_state_dict()}) if kept_a else arrays)
     summary = {
         "schema": SCHEMA,
         "run_dir": str(run_dir),
@@ -90,6 +93,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         "privacy": {"unit": "record", "accountant": "rdp", "dp": cfg.dp, "delta": cfg.delta,
                     "noise_multiplier": cfg.noise_multiplier if cfg.dp else 0.0,
                     "max_grad_norm": cfg.max_grad_norm},
+        "strategy": {"name": cfg.strategy,
+                     "exact_residual": {str(k): v for k, v in
+                                        getattr(strategy, "residuals", {}).items()}},
         "sites": log.sites,
         "rounds": [r.to_json() for r in log.rounds],
         "wire": {"tensor_names": sorted(log.wire_tensors),

@@ -26,6 +26,7 @@ class RoundLog:
     bytes_up: int = 0
     refusals: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # by update validation
 
     def accuracy(self) -> float | None:
         """Evaluation accuracy weighted by each site's held-out size."""
@@ -39,7 +40,8 @@ class RoundLog:
                 "accuracy": self.accuracy(),
                 "bytes": {"down": self.bytes_down, "up": self.bytes_up,
                           "total": self.bytes_down + self.bytes_up},
-                "refusals": self.refusals, "failures": self.failures}
+                "refusals": self.refusals, "failures": self.failures,
+                "rejected": self.rejected}
 
 
 @dataclass

@@ -1,0 +1,52 @@
+"""``build_strategy(name, cfg)``: a Flower strategy for a run, wrapped in update validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.serverapp.strategy import FedAdam, FedProx, FedYogi, Strategy
+
+from fedadapt import keys
+from fedadapt.config import RunConfig
+from strategies.adapter import AdapterAggregation
+from strategies.names import STRATEGIES
+from strategies.validation import Validated
+
+# Strategies whose sites keep lora_A frozen at the shared seed and send only B (+ head).
+FROZEN_A = frozenset({"ffa-lora"})
+
+
+def freezes_lora_a(name: str) -> bool:
+    """Whether sites must freeze ``lora_A`` (FFA-LoRA, Sun et al. ICLR 2024)."""
+    return name in FROZEN_A
+
+
+def build_strategy(name: str, cfg: RunConfig, *, validate: bool = True) -> Strategy:
+    """The strategy ``name`` (see :data:`strategies.names.STRATEGIES`) for ``cfg``.
+
+    Args:
+        name: Strategy name.
+        cfg: Run config (number of sites, LoRA rank, proximal μ).
+        validate: Wrap in :class:`strategies.validation.Validated` (default).
+
+    Raises:
+        ValueError: if ``name`` is unknown.
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy={name!r} is unknown; choose one of {', '.join(STRATEGIES)}")
+    common: dict[str, Any] = dict(
+        fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=cfg.num_sites,
+        min_train_nodes=1, min_evaluate_nodes=1, arrayrecord_key=keys.ARRAYS,
+        configrecord_key=keys.CONFIG, weighted_by_key=keys.NUM_EXAMPLES)
+    inner: Strategy
+    if name in ("fedavg", "ffa-lora"):
+        inner = AdapterAggregation("mean", **common)
+    elif name in ("exact", "median", "trimmed-mean"):
+        inner = AdapterAggregation(name, rank=cfg.lora_rank, **common)
+    elif name == "fedprox":
+        inner = FedProx(proximal_mu=cfg.proximal_mu, **common)
+    elif name == "fedadam":
+        inner = FedAdam(**common)
+    else:
+        inner = FedYogi(**common)
+    return Validated(inner) if validate else inner
