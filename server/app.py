@@ -20,6 +20,7 @@ from fedimaging.backbones import build_model, trainable_state
 from server.progress import Progress
 from server.record import RunLog
 from server.rundir import SCHEMA, new_run_dir, save_adapter, write_json_atomic
+from server.report_hook import write_report
 from strategies.factory import build_strategy, freezes_lora_a
 from strategies.lora_math import LORA_A
 
@@ -105,6 +106,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         "adapter_dir": str(adapter.relative_to(run_dir)),
     }
     write_json_atomic(run_dir / "summary.json", summary)
+    write_report(run_dir)
     progress.done(summary)
     return summary
 
