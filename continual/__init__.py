@@ -1,0 +1,1 @@
+"""Continual learning for fedadapt: forgetting metrics (and, later, methods)."""
