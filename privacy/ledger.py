@@ -90,7 +90,7 @@ def read_entries(path: str | Path) -> list[dict]:
         if not isinstance(entry, dict) or set(entry) != set(ENTRY_KEYS):
             raise LedgerError(f"ledger {path}: entry keys are not {ENTRY_KEYS}", line=i)
         if entry["prev"] != prev:
-            raise LedgerError(f"ledger {path}: hash chain broken (entry altered, removed "
+            raise LedgerError(f"ledger {path}: hash chain broken (this or the previous entry altered, removed "
                               f"or reordered)", line=i)
         prev = entry_hash(entry)
         entries.append(entry)
