@@ -54,7 +54,8 @@ def test_ewc_penalty_equals_direct_sum_and_its_gradient():
     assert float(pen.detach()) == pytest.approx(2.0 * direct, rel=1e-6)
     pen.backward()  # d/dθ = λ F (θ − θ*)
     torch.testing.assert_close(m[2].bias.grad, 4.0 * fisher["2.bias"] * (-0.1), rtol=1e-5, atol=1e-7)
-    assert float(ewc_penalty(m, fisher, {n: p.detach() for n, p in trainable_params(m).items()}, 4.0)) == 0.0
+    same = {n: p.detach() for n, p in trainable_params(m).items()}
+    assert float(ewc_penalty(m, fisher, same, 4.0).detach()) == 0.0
     with pytest.raises(ValueError, match="lambda"):
         ewc_penalty(m, fisher, anchor, lam=-1.0)
 
