@@ -8,12 +8,14 @@ and clips them in float32, so the DP guarantee does not depend on it).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from continual.penalty import penalty_step
 from privacy.dp import DPRequest, make_private
 
 
@@ -51,7 +53,8 @@ def _autocast(device: torch.device, amp: bool) -> torch.autocast:
 
 def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_size: int,
           device: torch.device, seed: int, dp: DPRequest | None = None,
-          amp: bool = False, proximal_mu: float = 0.0) -> TrainResult:
+          amp: bool = False, proximal_mu: float = 0.0,
+          param_penalty: Callable[[], torch.Tensor] | None = None) -> TrainResult:
     """Train the trainable tensors of ``model`` on ``dataset`` in place.
 
     Args:
@@ -68,6 +71,9 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
             the trainable (adapter + head) tensors. Applied as a separate, data-independent
             step ``w ← w − lr·μ·(w − w_global)`` after each optimiser step, so under DP-SGD
             it is outside clipping and noise and costs no privacy.
+        param_penalty: A continual-learning penalty on the trainable tensors only (EWC,
+            O-LoRA; see ``continual.penalty``), applied the same way: a separate step
+            ``w ← w − lr·∇penalty`` after each optimiser step, outside DP clipping/noise.
 
     Returns:
         The round's ``TrainResult``.
@@ -103,6 +109,8 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
                 with torch.no_grad():
                     for p, p0 in zip(params, anchor):
                         p.sub_(lr * proximal_mu * (p - p0))
+            if param_penalty is not None:
+                penalty_step(params, param_penalty, lr)
             steps += 1
             total += loss.item()
     if dp is not None:
