@@ -20,6 +20,7 @@ COMMANDS = (
     "fedadapt.cmd_audit_empirical",
     "fedadapt.cmd_audit",
     "fedadapt.cmd_report",
+    "fedadapt.cmd_certs",
 )
 
 

@@ -1,0 +1,1 @@
+"""Deployment helpers: TLS certificates and SuperNode authentication keys for Flower."""
