@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["bench_aggregation.py", "bench_dp_overhead.py"]
+SCRIPTS = ["bench_aggregation.py", "bench_dp_overhead.py", "bench_runtime_overhead.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_quick(script):
     proc = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / script),
-                           "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert re.search(r"\d+(\.\d+)?", last), last
