@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _sites(rounds: list[dict[str, Any]], stage: str) -> list[str]:
@@ -49,6 +50,8 @@ def plot_metrics(summary: dict[str, Any], out: Path) -> Path:
     ax_acc.set(title="Evaluation accuracy per site", xlabel="round", ylabel="accuracy")
     ax_loss.set(title="Loss per site", xlabel="round", ylabel="loss")
     for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (ax_acc, ax_loss):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     return _save(fig, out / "metrics.png")
@@ -81,6 +84,7 @@ def plot_epsilon(summary: dict[str, Any], out: Path) -> Path:
     else:
         ax.set_title("Cumulative ε per site")
     ax.set(xlabel="round", ylabel="ε")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, out / "epsilon.png")
@@ -96,6 +100,7 @@ def plot_bytes(summary: dict[str, Any], out: Path) -> Path:
     ax.bar([x - 0.2 for x in xs], down, width=0.4, label="down (server→sites)")
     ax.bar([x + 0.2 for x in xs], up, width=0.4, label="up (sites→server)")
     ax.set(title="Bytes sent per round", xlabel="round", ylabel="MB")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     return _save(fig, out / "bytes.png")
 
