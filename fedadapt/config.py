@@ -52,6 +52,12 @@ class RunConfig:
         strategy: Aggregation strategy (``strategies/``): fedavg, ffa-lora,
             exact, median, trimmed-mean, fedprox, fedadam, fedyogi.
         proximal_mu: FedProx proximal weight μ (used by ``fedprox``).
+        epsilon_cap: Record-level ε cap written into the policy of each *simulated* site
+            that has none yet (a deployed site's cap is in its own ``policy.toml``).
+        sites_dir: Folder of simulated sites' own folders ``<sites-dir>/<site>/``
+            (``policy.toml``, ``ledger/``); empty: fresh sites inside the run directory,
+            so budgets start at zero each run. Point it at a kept folder to make spending
+            compose across runs.
     """
 
     num_server_rounds: int = 5
@@ -76,6 +82,8 @@ class RunConfig:
     scenario: str = ""
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
+    epsilon_cap: float = 12.0
+    sites_dir: str = ""
 
     def __post_init__(self) -> None:
         errors = []
@@ -104,6 +112,7 @@ class RunConfig:
         need(bool(self.out_dir), "out-dir", "a folder path")
         need(self.strategy in STRATEGIES, "strategy", f"one of {', '.join(STRATEGIES)}")
         need(self.proximal_mu >= 0, "proximal-mu", "a number >= 0")
+        need(self.epsilon_cap > 0, "epsilon-cap", "a positive number")
         if self.dp and self.noise_multiplier == 0:
             errors.append("'noise-multiplier' is 0 while 'dp' is on: that is no privacy at all; "
                           "set a positive noise multiplier or turn DP off explicitly (--no-dp)")

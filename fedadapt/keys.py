@@ -42,7 +42,14 @@ STATE: Final = "state"
 STATE_OK: Final = "ok"
 STATE_REFUSED: Final = "refused"
 REASON: Final = "reason"
+EPSILON_SPENT: Final = "epsilon-spent"  # in a refusal: ε already spent (all runs)
+EPSILON_REMAINING: Final = "epsilon-remaining"  # in a refusal: cap - spent
+EPSILON_CAP: Final = "epsilon-cap"  # the site's own cap (reported, never sent down)
+BUDGET_SPENT: Final = "budget-spent"  # in a refusal: true if the site will never train again
 
 # --- node config (Flower sets these in simulation) --------------------------------
 NODE_PARTITION_ID: Final = "partition-id"
 NODE_NUM_PARTITIONS: Final = "num-partitions"
+# A deployed site's own folder (policy.toml, ledger/, site.toml); set by the site
+# engineer in the SuperNode's --node-config, never by the server.
+NODE_SITE_DIR: Final = "site-dir"
