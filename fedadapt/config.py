@@ -58,6 +58,10 @@ class RunConfig:
             (``policy.toml``, ``ledger/``); empty: fresh sites inside the run directory,
             so budgets start at zero each run. Point it at a kept folder to make spending
             compose across runs.
+        tensorboard: Log per-round, per-site metrics, ε and bytes as TensorBoard scalars
+            in ``<run dir>/tensorboard/`` (``server.tracking``; needs ``tensorboard``).
+        mlflow: Log the same to MLflow's local file store ``<out_dir>/mlruns``
+            (``server.tracking``; needs ``mlflow`` or ``mlflow-skinny``).
     """
 
     num_server_rounds: int = 5
@@ -84,6 +88,8 @@ class RunConfig:
     proximal_mu: float = 0.01
     epsilon_cap: float = 12.0
     sites_dir: str = ""
+    tensorboard: bool = False
+    mlflow: bool = False
 
     def __post_init__(self) -> None:
         errors = []
