@@ -21,6 +21,7 @@ from server.progress import Progress
 from server.record import RunLog
 from server.rundir import SCHEMA, new_run_dir, save_adapter, write_json_atomic
 from server.report_hook import write_report
+from server.tracking import track_round
 from strategies.factory import build_strategy, freezes_lora_a
 from strategies.lora_math import LORA_A
 
@@ -83,6 +84,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             else:
                 log.failed(rlog, reply, "evaluate")
         progress.round(rlog)
+        track_round(cfg, run_dir, rlog)  # TensorBoard / MLflow, if the run config asks
     adapter = save_adapter(run_dir, cfg, ArrayRecord(
         {**kept_a, **arrays.to_torch_state_dict()}) if kept_a else arrays)
     summary = {
