@@ -1,22 +1,30 @@
 """A site's own view of itself: which hospital it is, its data, its device.
 
 In simulation the site is derived from the run config (the researcher's scenario) and
-Flower's node config (``partition-id``); nothing here is taken from server messages.
+Flower's node config (``partition-id``). A deployed site is described by its own folder:
+the SuperNode's node config names it (``site-dir``, set by ``fedadapt site start``) and
+its ``site.toml`` (``deploy/site_config.py``) gives the site's name, data and device.
+Nothing here is taken from server messages.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch.utils.data import TensorDataset
 
+from deploy.site_config import SITE_TOML, SiteConfig, load_site_config
 from fedadapt import keys
 from fedadapt.config import RunConfig
 from fedimaging.backbones import ModelSpec
-from fedimaging.synthetic import SiteSpec, default_sites, make_site_data
+from fedimaging.datalist import ImageSpec, load_split
+from fedimaging.medmnist import load_medmnist
+from fedimaging.synthetic import ScannerShift, SiteSpec, default_sites, make_site_data
 from simulations.scenario import Scenario, load_scenario, site_data
 
 
@@ -29,38 +37,76 @@ class Site:
         spec: Name, sizes, scanner shift and label mix.
         run: The run config the site was started with.
         scenario: The scenario the site comes from (``run.scenario``), or None.
+        config: A deployed site's own ``site.toml``, or None in simulation.
+        site_dir: The deployed site's folder (``config.data`` is relative to it).
     """
 
     index: int
     spec: SiteSpec
     run: RunConfig
     scenario: Scenario | None = None
+    config: SiteConfig | None = None
+    site_dir: Path | None = None
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def personalised_keys(self) -> tuple[str, ...]:
+        """Tensor-name substrings this site keeps local (its ``site.toml``); () in simulation."""
+        return self.config.personalised_keys if self.config is not None else ()
 
     def model_spec(self) -> ModelSpec:
         """The architecture every site and the server share."""
         return self.run.model_spec()
 
     def datasets(self) -> tuple[TensorDataset, TensorDataset]:
-        """``(train, test)`` for this site: from its scenario (files or generated), else
-        generated locally and deterministically."""
+        """``(train, test)`` for this site: a deployed site's files (datalist or MedMNIST),
+        else from its scenario (files or generated), else generated locally and
+        deterministically."""
+        if self.config is not None and not self.config.synthetic:
+            return self._files()
         if self.scenario is not None:
             return site_data(self.scenario, self.index)
         return make_site_data(self.spec, image_size=self.run.image_size,
                               num_classes=self.run.num_classes, seed=self.run.seed,
                               site_index=self.index)
 
+    def _files(self) -> tuple[TensorDataset, TensorDataset]:
+        """A deployed site's images from disk, read as the shared model expects them."""
+        assert self.config is not None and self.site_dir is not None
+        path = self.config.data_path(self.site_dir)
+        assert path is not None
+        img = self.config.image
+        spec = ImageSpec(spatial_dims=2, channels=1,
+                         spatial_size=(self.run.image_size, self.run.image_size),
+                         resize=img.resize, pixdim=img.pixdim, intensity=img.intensity,
+                         task="classification", num_classes=self.run.num_classes)
+        if path.suffix == ".npz":  # MedMNIST (Yang et al., 2023)
+            return load_medmnist(path, "train", spec), load_medmnist(path, "test", spec)
+        return load_split(path, "training", spec), load_split(path, "test", spec)
+
 
 def site_from_context(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Site:
     """Resolve the site a ClientApp runs as.
 
+    A deployed site (node config ``site-dir`` whose ``site.toml`` exists) is built from
+    its own folder; otherwise the site is a simulated one, from the run config and the
+    node config's ``partition-id``.
+
     Raises:
-        ValueError: If the node config lacks a usable ``partition-id``.
+        ValueError: If the node config lacks a usable ``partition-id``, or a deployed
+            site's ``site.toml`` is invalid or refuses the run.
     """
     cfg = RunConfig.from_mapping(run_config)
+    folder = str(node_config.get(keys.NODE_SITE_DIR, ""))
+    if folder and (Path(folder) / SITE_TOML).is_file():
+        return deployed_site(cfg, Path(folder), node_config)
+    return _simulated_site(cfg, node_config)
+
+
+def _simulated_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
     if keys.NODE_PARTITION_ID not in node_config:
         raise ValueError(f"node config has no '{keys.NODE_PARTITION_ID}'; start the SuperNode "
                          f"with --node-config \"{keys.NODE_PARTITION_ID}=<index>\"")
@@ -79,6 +125,38 @@ def site_from_context(run_config: Mapping[str, Any], node_config: Mapping[str, A
         return Site(index=index, spec=sc.sites[index].spec, run=cfg, scenario=sc)
     sites = default_sites(num_sites, cfg.site_train_size, cfg.site_test_size, cfg.seed)
     return Site(index=index, spec=sites[index], run=cfg)
+
+
+def deployed_site(cfg: RunConfig, site_dir: Path, node_config: Mapping[str, Any]) -> Site:
+    """The site described by ``<site_dir>/site.toml``.
+
+    The site's name, data and device come from its own file. ``partition-id`` and
+    ``num-partitions`` of the node config (``fedadapt site start`` sets them from the
+    file) seed the site's sampling; a ``synthetic`` site generates the same demo data
+    as simulated site ``partition-id`` of the same run, so a deployed run of synthetic
+    sites has the semantics of a simulation with the same seed.
+
+    Raises:
+        ValueError: On an invalid ``site.toml``, a missing data file, a partition outside
+            the federation, or a run whose LoRA rank the site does not accept.
+    """
+    sc = load_site_config(site_dir)
+    index = int(node_config.get(keys.NODE_PARTITION_ID, sc.partition_id))
+    num_sites = int(node_config.get(keys.NODE_NUM_PARTITIONS, sc.num_sites))
+    if not 0 <= index < num_sites:
+        raise ValueError(f"site {sc.name}: partition-id {index} is outside 0..{num_sites - 1}")
+    if sc.lora_rank and sc.lora_rank != cfg.lora_rank:
+        raise ValueError(f"site {sc.name} refuses the run: it asks for LoRA rank "
+                         f"{cfg.lora_rank} but {site_dir / SITE_TOML} accepts only rank "
+                         f"{sc.lora_rank} (lora_rank = 0 accepts any)")
+    run = cfg.replace(device=sc.device)  # the site's hardware is the site's decision
+    if sc.synthetic:
+        sim = _simulated_site(run, {keys.NODE_PARTITION_ID: index,
+                                    keys.NODE_NUM_PARTITIONS: num_sites})
+        return dataclasses.replace(sim, spec=dataclasses.replace(sim.spec, name=sc.name),
+                                   config=sc, site_dir=site_dir)
+    spec = SiteSpec(sc.name, 0, 0, ScannerShift())  # sizes and scanner: those of the files
+    return Site(index=index, spec=spec, run=run, config=sc, site_dir=site_dir)
 
 
 def set_threads() -> None:

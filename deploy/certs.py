@@ -8,7 +8,9 @@ Writes, with ``cryptography`` only (no openssl):
   ca.pem --ssl-certfile superlink.pem --ssl-keyfile superlink.key``);
 - ``sites/NAME/auth.key`` / ``sites/NAME/auth.pub``: one EC P-384 key pair per site in
   OpenSSH format, the format ``flower-supernode --auth-supernode-private-key`` and
-  ``flwr supernode register`` accept (flwr checks for an EC key on a NIST curve).
+  ``flwr supernode register`` accept (flwr checks for an EC key on a NIST curve);
+- ``superexec.secret``: the shared secret of the SuperLink and a separate ServerApp
+  executor (``flower-superexec --superexec-auth-secret-file``, process isolation).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import datetime as _dt
 import ipaddress
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +40,7 @@ class CertPaths:
     server_cert: Path
     server_key: Path
     site_keys: dict  # site name -> (private key path, public key path)
+    superexec_secret: Path | None = None
 
 
 def _validate(sites: tuple[str, ...], sans: tuple[str, ...], days: int) -> None:
@@ -110,7 +114,9 @@ def generate(out_dir: str | Path, sites: tuple[str, ...], sans: tuple[str, ...] 
                 .sign(ca_key, hashes.SHA256()))
 
     paths = CertPaths(out / "ca.pem", out / "ca.key", out / "superlink.pem",
-                      out / "superlink.key", {})
+                      out / "superlink.key", {}, out / "superexec.secret")
+    paths.superexec_secret.write_text(secrets.token_hex(32))
+    paths.superexec_secret.chmod(0o600)
     paths.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     _write_key(paths.ca_key, ca_key)
     paths.server_cert.write_bytes(srv_cert.public_bytes(serialization.Encoding.PEM))
