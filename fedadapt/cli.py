@@ -21,6 +21,8 @@ COMMANDS = (
     "fedadapt.cmd_audit",
     "fedadapt.cmd_report",
     "fedadapt.cmd_certs",
+    "fedadapt.cmd_site",
+    "fedadapt.cmd_server",
 )
 
 
