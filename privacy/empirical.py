@@ -1,19 +1,20 @@
 """One-run empirical privacy audit of a site's real training path.
 
 Steinke, Nasr & Jagielski (NeurIPS 2023, "Privacy auditing with one (1) training run"):
-m canaries are each included in the site's training data independently with
-probability 1/2; the site trains through ``client.train.train`` (the same PEFT LoRA
-model from ``fedimaging.backbones.build_model``, the same Opacus wiring in
-``privacy.dp.make_private`` with Poisson sampling) for the audit's rounds; the auditor
-scores every canary, guesses "included" for the r/2 highest and "excluded" for the
-r/2 lowest scores, and ``privacy.audit_bounds`` turns the number of correct guesses
-into an ε lower bound. ε_claimed is ``privacy.accounting.epsilon`` over the mechanisms
-the training reported (σ as configured, q and steps as run).
+m canaries (``privacy.canaries``) are each included in a site's training data
+independently with probability 1/2; the site trains through ``client.train.train`` —
+the site's own data, model spec, LoRA adapters and DP parameters from its ``RunConfig``
+(and δ / accountant from its ``policy.toml`` when a site folder is given), the same
+Opacus wiring (``privacy.dp.make_private``, Poisson sampling) and the same per-round
+seeds, FFA-LoRA freezing and FedProx step as the ClientApp — for the run's rounds. The
+auditor scores every canary, guesses "included" for the r/2 highest and "excluded" for
+the r/2 lowest scores, and ``privacy.audit_bounds`` turns the number of correct guesses
+into an ε lower bound. ε_claimed is ``privacy.accounting.epsilon`` (the ledger's
+accountant) over the mechanisms the training reported: the configured σ, q and steps
+as run.
 
-Canaries are *input-space, black-box* canaries: images of i.i.d. Gaussian noise with a
-uniformly random label (they are out of distribution, so only the canary's own
-gradient teaches the model its label). A canary's score is its loss decrease,
-loss(initial model) − loss(trained model), on its own label.
+The auditor observes the site's own update (what the server receives); rounds chain the
+site's updates (FedAvg over the audited site alone, so no other site's update hides it).
 
 ``broken`` emulates wiring bugs without touching the training code, while ε_claimed is
 still computed from the configured σ:
@@ -22,103 +23,185 @@ still computed from the configured σ:
   exact 0 — it fails closed), i.e. no noise.
 * ``no-clip``: clipping is off: Opacus gets C' = 1e6 and σ' = σ·C/C', so the noise
   std σ'·C' equals the configured σ·C but no per-sample gradient is ever clipped.
-
-A single site's round is local training followed by FedAvg over one client, which is the
-identity; the audit therefore calls the site training function once per round without
-the Flower transport.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+import math
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import ConcatDataset, TensorDataset
+from torch.utils.data import ConcatDataset
 
-from client.train import train
-from fedimaging.backbones import ModelSpec, build_model
-from fedimaging.synthetic import SiteSpec, ScannerShift, make_site_data
-from privacy.accounting import Mechanism, epsilon
+from client.site import Site, site_from_context
+from client.train import resolve_device, train
+from fedadapt import keys
+from fedadapt.config import RunConfig
+from fedimaging.backbones import build_model
+from privacy import canaries as cn
+from privacy.accounting import ACCOUNTANTS, Mechanism, epsilon
 from privacy.audit_bounds import auroc, one_run_epsilon_lower, tpr_fpr_epsilon_lower
 from privacy.dp import DPRequest
+from privacy.guard import TrainRequest, check, noise_for_target
+from privacy.policy import SitePolicy, load_policy
+from strategies.factory import freezes_lora_a
 
 BROKEN = ("none", "noise-zero", "no-clip")
-Broken = Literal["none", "noise-zero", "no-clip"]
 _NO_CLIP_NORM = 1e6
+_INPUT_CANARIES = 128  # default m for input-space canaries
+_SITE_TOML = "site.toml"  # a deployed site's own file (deploy.site_config.SITE_TOML)
 
 #: What the bound proves and does not prove (printed by the CLI and stored in JSON).
 STATEMENT = (
     "ε_lower is a statistical LOWER bound: with probability ≥ the confidence, the "
     "training path that ran is NOT (ε, δ)-DP for any ε < ε_lower. If ε_lower > "
     "ε_claimed, the claim is false for this code path (a bug report). ε_lower ≤ "
-    "ε_claimed does NOT prove the claim: one-run audits with black-box input canaries "
-    "are far from tight, and the audit tests only this scenario (its model, data, "
-    "canaries, rounds and hyper-parameters), not the worst case.")
+    "ε_claimed does NOT prove the claim: a one-run audit that sees only the site's "
+    "update is far from tight (it cannot exceed the ceiling set by m and r), and it "
+    "tests only this scenario (this site's data, model, canaries, rounds and "
+    "hyper-parameters), not the worst case over datasets.")
 
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """The audit's scenario.
+    """The audit's scenario: a site's run config plus the canary game.
 
     Attributes:
-        canaries: m, canaries each included with probability 1/2.
-        guesses: r, guesses made (half "included", half "excluded"); ≤ canaries.
+        run: The site's run config (data, model spec, LoRA, DP parameters, rounds).
+        partition_id: Which site of ``run``'s federation is audited; ``None``: the one a
+            ``site.toml`` in ``site_dir`` names, else 0.
+        canary: ``dirac`` (white-box gradient canaries) or ``input`` (noise images).
+        canaries: m; ``None``: every Dirac slot of the head (h·(K−1)) or 128 input ones.
+        guesses: r, even, ≤ m; ``None``: about m/2 (the r/2 highest and r/2 lowest
+            scores; abstaining on the middle avoids forced errors).
+        canary_scale: Raw Dirac canary gradient norm in units of C (≥ 1.5; clipping
+            must bring it down to C, so a missing clip shows).
         confidence: Confidence of the lower bounds.
-        rounds: Rounds of local training at the audited site.
-        dp: Audit DP-SGD training; False audits non-private training (power check).
         broken: ``none`` | ``noise-zero`` | ``no-clip`` (see the module docstring).
-        noise_multiplier: Configured σ; max_grad_norm: configured C; delta: δ.
-        train_size: Real (synthetic-hospital) records besides the canaries.
-        local_epochs, lr, batch_size: Site training hyper-parameters.
-        model: The model spec (a small one by default so the audit runs on a CPU).
-        seed: Seeds data, canaries, inclusion and training.
+        delta: δ of the claim (the policy's when a site folder is given).
+        accountant: ``rdp`` | ``prv`` (the policy's when a site folder is given).
+        site_dir: The site's folder (``policy.toml``, ``ledger/``, ``site.toml``), or ''.
+        policy: The site's policy (from ``site_dir``), or None.
     """
 
-    canaries: int = 128
-    guesses: int = 40
+    run: RunConfig = field(default_factory=RunConfig)
+    partition_id: int | None = None
+    canary: str = "dirac"
+    canaries: int | None = None
+    guesses: int | None = None
+    canary_scale: float = 100.0
     confidence: float = 0.95
-    rounds: int = 1
-    dp: bool = True
     broken: str = "none"
-    noise_multiplier: float = 40.0
-    max_grad_norm: float = 1.0
     delta: float = 1e-5
-    train_size: int = 16
-    local_epochs: int = 60
-    lr: float = 0.1
-    batch_size: int = 16
-    model: ModelSpec = field(default_factory=lambda: ModelSpec(
-        image_size=16, patch_size=4, hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2,
-        num_classes=3, lora_rank=4, lora_alpha=8, seed=0))
-    seed: int = 0
+    accountant: str = "rdp"
+    site_dir: str = ""
+    policy: SitePolicy | None = None
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, value: object, fix: str) -> None:
             if not ok:
                 raise ValueError(f"audit {name}={value!r} is invalid: {fix}")
-        need(self.canaries >= 2, "canaries", self.canaries, "use at least 2 canaries")
-        need(2 <= self.guesses <= self.canaries and self.guesses % 2 == 0, "guesses",
-             self.guesses, f"use an even number in 2..{self.canaries}")
+        need(self.canary in cn.CANARY_TYPES, "canary", self.canary,
+             f"use one of {cn.CANARY_TYPES}")
+        need(self.canaries is None or self.canaries >= 2, "canaries", self.canaries,
+             "use at least 2 canaries")
+        m = self.canaries
+        need(self.guesses is None or (2 <= self.guesses and self.guesses % 2 == 0
+                                      and (m is None or self.guesses <= m)),
+             "guesses", self.guesses, f"use an even number in 2..{m or 'm'}")
+        need(self.canary_scale >= 1.5, "canary_scale", self.canary_scale,
+             "use a raw canary norm of at least 1.5 x the clipping norm")
         need(0 < self.confidence < 1, "confidence", self.confidence, "use a value in (0, 1)")
-        need(self.rounds >= 1, "rounds", self.rounds, "use at least 1 round")
         need(self.broken in BROKEN, "broken", self.broken, f"use one of {BROKEN}")
-        need(self.dp or self.broken == "none", "broken", self.broken,
-             "broken wiring only applies to DP training; drop --no-dp or use none")
-        need(self.noise_multiplier > 0 or not self.dp, "noise_multiplier",
-             self.noise_multiplier, "use σ > 0 (or audit non-private training)")
-        need(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "use C > 0")
+        need(self.run.dp or self.broken == "none", "broken", self.broken,
+             "broken wiring only applies to DP training; drop dp=false or use none")
         need(0 < self.delta < 1, "delta", self.delta, "use a value in (0, 1)")
+        need(self.accountant in ACCOUNTANTS, "accountant", self.accountant,
+             f"use one of {ACCOUNTANTS}")
+        need(self.partition_id is None or 0 <= self.partition_id < self.run.num_sites,
+             "partition_id", self.partition_id,
+             f"use a site index in 0..{self.run.num_sites - 1} (num-sites={self.run.num_sites})")
+
+
+def for_site(run: RunConfig, *, site_dir: str | Path | None = None, **audit: object
+             ) -> AuditConfig:
+    """The audit of the site that ``run`` (and, if given, its folder) describes.
+
+    With ``site_dir``, the site is resolved as the ClientApp resolves it (its
+    ``site.toml`` when one exists, else simulated site ``partition_id``), and the claim
+    follows its ``policy.toml``: δ and accountant as in its ledger, σ raised to its
+    per-round ε target, and a round its budget guard would refuse (σ below the floor, C
+    outside the range, ε past the cap) is an error. Without it, δ is the run config's and
+    the accountant RDP.
+
+    Raises:
+        ValueError: On a missing site folder or a missing/invalid policy.
+    """
+    if not site_dir:
+        return AuditConfig(run=run, delta=run.delta, **audit)  # type: ignore[arg-type]
+    folder = Path(site_dir)
+    if not folder.is_dir():
+        raise ValueError(f"site folder {folder} does not exist; pass the folder that holds "
+                         f"the site's policy.toml and ledger/ (node-config "
+                         f"'{keys.NODE_SITE_DIR}')")
+    cfg = AuditConfig(run=run, site_dir=str(folder), **audit)  # type: ignore[arg-type]
+    policy = load_policy(folder / "policy.toml", n_records=len(_site(cfg).datasets()[0]))
+    return replace(cfg, policy=policy, delta=policy.delta, accountant=policy.accountant)
+
+
+def _site(cfg: AuditConfig) -> Site:
+    node: dict[str, object] = {}
+    deployed = bool(cfg.site_dir) and (Path(cfg.site_dir) / _SITE_TOML).is_file()
+    if cfg.site_dir:
+        node[keys.NODE_SITE_DIR] = cfg.site_dir
+    if cfg.partition_id is not None or not deployed:  # a site.toml names its own partition
+        node[keys.NODE_PARTITION_ID] = cfg.partition_id or 0
+        node[keys.NODE_NUM_PARTITIONS] = cfg.run.num_sites
+    return site_from_context(cfg.run.to_mapping(), node)
+
+
+def _site_sigma(cfg: AuditConfig, n: int) -> float:
+    """σ the site would train with: the run's, checked against the site's guard round by
+    round (and raised to the policy's per-round ε target, as the ClientApp does)."""
+    run, policy = cfg.run, cfg.policy
+    if policy is None:
+        return run.noise_multiplier
+    batches = math.ceil(n / run.batch_size)  # Opacus: q = 1 / len(loader)
+    q, steps = 1.0 / batches, run.local_epochs * batches
+    sigma = run.noise_multiplier if run.dp else 0.0
+    target = getattr(policy, "target_epsilon_per_round", 0.0)  # newer policies only
+    if run.dp and target > 0:
+        sigma = max(sigma, noise_for_target(target, delta=policy.delta, sample_rate=q,
+                                            steps=steps, accountant=policy.accountant))
+    history: list[Mechanism] = []
+    for rnd in range(1, run.num_server_rounds + 1):
+        decision = check(policy, history, TrainRequest(sigma, run.max_grad_norm, q, steps),
+                         rounds_this_run=rnd - 1)
+        if not decision.allowed:
+            raise ValueError(f"the site's policy {Path(cfg.site_dir) / 'policy.toml'} would "
+                             f"refuse round {rnd} of this run config ({decision.reason}); "
+                             f"audit a run the site accepts (--run-config "
+                             f"noise-multiplier=..., num-server-rounds=..., ...)")
+        if sigma > 0:
+            history.append(Mechanism(sigma, q, steps))
+    return sigma
 
 
 @dataclass(frozen=True)
 class AuditResult:
-    """Outcome of one audit. ``epsilon_claimed`` is ``inf`` for non-private training."""
+    """Outcome of one audit. ``epsilon_claimed`` is ``inf`` for non-private training.
 
+    ``epsilon_ceiling`` is the ε_lower that r correct guesses out of r would give: the
+    most this game can ever show.
+    """
+
+    canary: str
     epsilon_lower: float
     epsilon_claimed: float
+    epsilon_ceiling: float
     correct: int
     guesses: int
     canaries: int
@@ -130,6 +213,7 @@ class AuditResult:
     epsilon_lower_tpr_fpr: float
     steps: int
     sample_rate: float
+    site: str
     scores_in: list[float]
     scores_out: list[float]
     config: dict
@@ -148,92 +232,90 @@ class AuditResult:
         return d
 
 
-def make_canaries(m: int, spec: ModelSpec, seed: int) -> TensorDataset:
-    """m Gaussian-noise images (1, H, W) with uniformly random labels."""
-    g = torch.Generator().manual_seed(seed + 7919)
-    x = torch.randn(m, 1, spec.image_size, spec.image_size, generator=g)
-    y = torch.randint(0, spec.num_classes, (m,), generator=g)
-    return TensorDataset(x, y)
-
-
-@torch.no_grad()
-def _canary_losses(model: nn.Module, canaries: TensorDataset) -> np.ndarray:
-    model.eval()
-    x, y = canaries.tensors
-    loss = nn.functional.cross_entropy(model(x), y, reduction="none")
-    model.train()
-    return loss.numpy().astype(np.float64)
-
-
-def _center_by_label(delta_loss: np.ndarray, labels: torch.Tensor) -> np.ndarray:
-    """Subtract each label's median loss decrease: training moves all noise images of a
-    label together (they share a common feature offset); what is left is the part of a
-    canary's loss decrease that is its own. Uses no inclusion information."""
-    y = labels.numpy()
-    out = delta_loss.copy()
-    for c in np.unique(y):
-        out[y == c] -= np.median(delta_loss[y == c])
-    return out
-
-
-def _dp_request(cfg: AuditConfig) -> DPRequest | None:
-    if not cfg.dp:
+def _dp_request(cfg: AuditConfig, sigma: float) -> DPRequest | None:
+    run = cfg.run
+    if not run.dp:
         return None
     if cfg.broken == "noise-zero":
-        return DPRequest(noise_multiplier=1e-12, max_grad_norm=cfg.max_grad_norm)
+        return DPRequest(noise_multiplier=1e-12, max_grad_norm=run.max_grad_norm)
     if cfg.broken == "no-clip":
-        return DPRequest(noise_multiplier=cfg.noise_multiplier * cfg.max_grad_norm
-                         / _NO_CLIP_NORM, max_grad_norm=_NO_CLIP_NORM)
-    return DPRequest(noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm)
+        return DPRequest(noise_multiplier=sigma * run.max_grad_norm / _NO_CLIP_NORM,
+                         max_grad_norm=_NO_CLIP_NORM)
+    return DPRequest(noise_multiplier=sigma, max_grad_norm=run.max_grad_norm)
 
 
-def run_audit(cfg: AuditConfig, *, device: torch.device | None = None) -> AuditResult:
+def run_audit(cfg: AuditConfig) -> AuditResult:
     """Run the one-run canary audit of ``cfg`` and return the bounds.
 
     Args:
-        cfg: The scenario.
-        device: Where to train (CPU by default).
-    """
-    device = device or torch.device("cpu")
-    spec = cfg.model
-    site = SiteSpec("audited-site", cfg.train_size, 16, ScannerShift())
-    real, _ = make_site_data(site, image_size=spec.image_size, num_classes=spec.num_classes,
-                             seed=cfg.seed, site_index=0)
-    canaries = make_canaries(cfg.canaries, spec, cfg.seed)
-    rng = np.random.default_rng([cfg.seed, 31337])
-    included = rng.random(cfg.canaries) < 0.5
-    idx = torch.from_numpy(np.flatnonzero(included))
-    inserted = TensorDataset(canaries.tensors[0][idx], canaries.tensors[1][idx])
-    data = ConcatDataset([real, inserted])
+        cfg: The scenario (see ``for_site``).
 
-    model = build_model(spec)
-    before = _canary_losses(model, canaries)
-    request = _dp_request(cfg)
+    Raises:
+        ValueError: If the canaries do not fit the model or the guesses exceed them.
+    """
+    site = _site(cfg)
+    run = site.run  # a deployed site's device is its own
+    spec = site.model_spec()
+    real, _ = site.datasets()
+    m = cfg.canaries or (cn.dirac_capacity(spec) if cfg.canary == "dirac" else _INPUT_CANARIES)
+    r = cfg.guesses or max(2, m // 4 * 2)  # default: guess on half, abstain in between
+    if r > m:
+        raise ValueError(f"guesses ({r}) exceed canaries ({m}); use --guesses <= {m}")
+    canaries = cn.make_canaries(cfg.canary, m, spec, seed=run.seed,
+                                norm=cfg.canary_scale * run.max_grad_norm)
+    rng = np.random.default_rng([run.seed, 31337])
+    included = rng.random(m) < 0.5  # each canary in with probability 1/2, independently
+    data = ConcatDataset([real, canaries.subset(torch.from_numpy(np.flatnonzero(included)))])
+    sigma = _site_sigma(cfg, len(data))
+
+    model = build_model(spec)  # the initial global model the server sends
+    if freezes_lora_a(run.strategy):  # as the ClientApp does for FFA-LoRA
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
+    w0 = cn.head_weight(model)
+    before = cn.canary_losses(model, canaries) if cfg.canary == "input" else None
+    request = _dp_request(cfg, sigma)
+    device = resolve_device(run.device)
+    mu = run.proximal_mu if run.strategy == "fedprox" else 0.0
     history: list[Mechanism] = []
     steps, q = 0, 0.0
-    for rnd in range(cfg.rounds):
-        res = train(model, data, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                    device=device, seed=cfg.seed * 1000 + rnd, dp=request)
-        model.to("cpu")
+    for rnd in range(1, run.num_server_rounds + 1):
+        hooks = cn.dirac_hooks(model, canaries) if cfg.canary == "dirac" else nullcontext()
+        with hooks:  # same seed expression as client.app.handle_train
+            res = train(model, data, epochs=run.local_epochs, lr=run.lr,
+                        batch_size=run.batch_size, device=device,
+                        seed=hash((run.seed, site.index, rnd)) % 2**31, dp=request,
+                        amp=run.amp, proximal_mu=mu)
         steps, q = steps + res.steps, res.sample_rate
-        if cfg.dp:  # the ledger's claim: the configured σ, the q and steps actually run
-            history.append(Mechanism(cfg.noise_multiplier, res.sample_rate, res.steps))
-    scores = _center_by_label(before - _canary_losses(model, canaries), canaries.tensors[1])
+        if run.dp:  # the ledger's claim: the configured σ, the q and steps actually run
+            history.append(Mechanism(sigma, res.sample_rate, res.steps))
+    model.to("cpu")
+    if cfg.canary == "dirac":
+        scores = cn.dirac_scores(w0, cn.head_weight(model), canaries)
+    else:
+        assert before is not None
+        scores = cn.center_by_label(before - cn.canary_losses(model, canaries),
+                                    canaries.data.tensors[1])
 
     order = np.argsort(-scores, kind="stable")
-    half = cfg.guesses // 2
+    half = r // 2
     correct = int(included[order[:half]].sum() + (~included[order[-half:]]).sum())
-    eps_lower = one_run_epsilon_lower(cfg.canaries, cfg.guesses, correct, delta=cfg.delta,
-                                      confidence=cfg.confidence)
-    eps_claimed = epsilon(history, delta=cfg.delta) if cfg.dp else float("inf")
+    eps_lower = one_run_epsilon_lower(m, r, correct, delta=cfg.delta, confidence=cfg.confidence)
+    ceiling = one_run_epsilon_lower(m, r, r, delta=cfg.delta, confidence=cfg.confidence)
+    eps_claimed = (epsilon(history, delta=cfg.delta, accountant=cfg.accountant) if run.dp
+                   else float("inf"))
     s_in, s_out = scores[included].tolist(), scores[~included].tolist()
     # Threshold at the r/2-th highest score: the same "included" guesses as above.
     thr = tpr_fpr_epsilon_lower(s_in, s_out, threshold=float(scores[order[half - 1]]),
                                 delta=cfg.delta, confidence=cfg.confidence)
     conf = asdict(cfg)
-    return AuditResult(epsilon_lower=eps_lower, epsilon_claimed=eps_claimed, correct=correct,
-                       guesses=cfg.guesses, canaries=cfg.canaries, auroc=auroc(s_in, s_out),
-                       tpr=thr.tpr, fpr=thr.fpr, tpr_lower=thr.tpr_lower,
-                       fpr_upper=thr.fpr_upper, epsilon_lower_tpr_fpr=thr.epsilon_lower,
-                       steps=steps, sample_rate=q, scores_in=s_in, scores_out=s_out,
-                       config=conf)
+    conf["run"] = run.to_mapping()
+    conf["noise_multiplier_used"] = sigma
+    return AuditResult(canary=cfg.canary, epsilon_lower=eps_lower, epsilon_claimed=eps_claimed,
+                       epsilon_ceiling=ceiling, correct=correct, guesses=r, canaries=m,
+                       auroc=auroc(s_in, s_out), tpr=thr.tpr, fpr=thr.fpr,
+                       tpr_lower=thr.tpr_lower, fpr_upper=thr.fpr_upper,
+                       epsilon_lower_tpr_fpr=thr.epsilon_lower, steps=steps, sample_rate=q,
+                       site=site.name, scores_in=s_in, scores_out=s_out, config=conf)
+
