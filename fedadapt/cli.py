@@ -17,7 +17,6 @@ from fedadapt.config import ConfigError
 
 COMMANDS = (
     "fedadapt.cmd_simulate",
-    "fedadapt.cmd_audit_empirical",
     "fedadapt.cmd_audit",
     "fedadapt.cmd_report",
     "fedadapt.cmd_certs",
