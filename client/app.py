@@ -1,8 +1,10 @@
 """The fedadapt ClientApp: thin Flower glue over ``client.train``.
 
 Each round a site rebuilds the frozen backbone from the shared model spec, loads the
-adapter and head tensors it received, trains them (DP-SGD with Opacus unless DP is off),
-accounts the round's privacy cost, and replies with adapter and head tensors only.
+adapter and head tensors it received, checks the round against its own privacy policy
+and ledger (refusing if it would pass its cap), trains them (DP-SGD with Opacus unless
+DP is off and the site's policy allows that), records the round in its ledger, and
+replies with adapter and head tensors only.
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ from typing import Any, Mapping
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.budget import dataset_fingerprint, planned_round, site_dir
 from client.site import Site, set_threads, site_from_context
 from client.train import evaluate, resolve_device, train
 from fedadapt import keys
 from fedimaging.backbones import build_model, load_trainable, trainable_state
 from privacy.accounting import Mechanism, epsilon
 from privacy.dp import DPRequest
-
-_HISTORY = "privacy-history"  # context.state record: this site's DP mechanisms so far
+from privacy.guard import Decision, TrainRequest, is_budget_refusal, noise_for_target
+from privacy.site_budget import open_site_budget
 
 
 def _site(context: Context, run_config: Mapping[str, Any] | None) -> Site:
@@ -40,52 +43,74 @@ def _model(site: Site, msg: Message):
     return model
 
 
-def _history(context: Context) -> list[Mechanism]:
-    rec = context.state.config_records.get(_HISTORY)
-    if rec is None:
-        return []
-    return [Mechanism(s, q, int(n)) for s, q, n in
-            zip(rec["sigma"], rec["q"], rec["steps"])]  # type: ignore[arg-type]
-
-
-def _append_history(context: Context, mech: Mechanism) -> None:
-    hist = _history(context) + [mech]
-    context.state[_HISTORY] = ConfigRecord({
-        "sigma": [m.noise_multiplier for m in hist], "q": [m.sample_rate for m in hist],
-        "steps": [m.steps for m in hist]})
+def _refusal(msg: Message, site: Site, decision: Decision, cap: float) -> Message:
+    """A structured refusal: no tensors, the reason, and the site's budget state."""
+    status = ConfigRecord({
+        keys.SITE_ID: site.name, keys.STATE: keys.STATE_REFUSED, keys.REASON: decision.reason,
+        keys.EPSILON_SPENT: decision.eps_spent, keys.EPSILON_REMAINING: decision.eps_remaining,
+        keys.EPSILON_CAP: cap, keys.BUDGET_SPENT: is_budget_refusal(decision.reason)})
+    metrics = MetricRecord({keys.PARTITION_ID: site.index, keys.EPSILON: decision.eps_spent})
+    return Message(content=RecordDict({keys.STATUS: status, keys.METRICS: metrics}),
+                   reply_to=msg)
 
 
 def handle_train(msg: Message, context: Context,
                  run_config: Mapping[str, Any] | None = None) -> Message:
-    """Train the received adapters on this site's data and reply with the update."""
+    """Train the received adapters on this site's data and reply with the update.
+
+    Before training, the site's budget guard prices the round from the site's own
+    policy and ledger (never from the server) and refuses if it would pass the cap or
+    asks for less noise than the site's floor. After training, the round is appended
+    to the ledger (fsync'ed, under its lock) *before* the update is returned.
+    """
     set_threads()
     site = _site(context, run_config)
     req = msg.content[keys.CONFIG]
     rnd = int(req[keys.SERVER_ROUND])
-    device = resolve_device(site.run.device)
-    dp_on = bool(req[keys.DP_ENABLED])
-    dp = DPRequest(float(req[keys.NOISE_MULTIPLIER]), float(req[keys.MAX_GRAD_NORM])) \
-        if dp_on else None
-    model = _model(site, msg)
+    epochs, batch_size = int(req[keys.LOCAL_EPOCHS]), int(req[keys.BATCH_SIZE])
     train_set, _ = site.datasets()
-    result = train(model, train_set, epochs=int(req[keys.LOCAL_EPOCHS]), lr=float(req[keys.LR]),
-                   batch_size=int(req[keys.BATCH_SIZE]), device=device,
+    n = len(train_set)
+    budget = open_site_budget(site_dir(site.name, site.run, context.node_config), site.name,
+                              dataset_fingerprint(train_set), n_records=n)
+    policy = budget.policy
+    dp_on = bool(req[keys.DP_ENABLED])
+    q, steps = planned_round(n, batch_size=batch_size, epochs=epochs)
+    sigma = float(req[keys.NOISE_MULTIPLIER]) if dp_on else 0.0
+    if dp_on and policy.target_epsilon_per_round > 0:
+        # The site picks its own σ for its per-round ε target; never less than asked.
+        sigma = max(sigma, noise_for_target(policy.target_epsilon_per_round,
+                                            delta=policy.delta, sample_rate=q, steps=steps,
+                                            accountant=policy.accountant))
+    request = TrainRequest(sigma, float(req[keys.MAX_GRAD_NORM]), q, steps)
+    run_id = str(msg.metadata.run_id)
+    decision = budget.decide(request, run_id=run_id)
+    if not decision.allowed:
+        return _refusal(msg, site, decision, policy.epsilon_cap)
+    dp = DPRequest(sigma, request.clip_norm) if dp_on else None
+    model = _model(site, msg)
+    result = train(model, train_set, epochs=epochs, lr=float(req[keys.LR]),
+                   batch_size=batch_size, device=resolve_device(site.run.device),
                    seed=hash((site.run.seed, site.index, rnd)) % 2**31, dp=dp, amp=site.run.amp,
                    proximal_mu=float(req.get(keys.PROXIMAL_MU, 0.0)))
     eps_total = eps_round = 0.0
     if dp is not None:
-        mech = Mechanism(dp.noise_multiplier, result.sample_rate, result.steps)
-        eps_round = epsilon([mech], delta=site.run.delta)
-        _append_history(context, mech)
-        eps_total = epsilon(_history(context), delta=site.run.delta)
+        if (result.sample_rate, result.steps) != (q, steps):
+            raise RuntimeError(  # the guard priced another mechanism: withhold the update
+                f"site {site.name}: trained with q={result.sample_rate}, steps={result.steps} "
+                f"but the budget guard priced q={q}, steps={steps}; update withheld")
+        eps_total = budget.record(request, run_id=run_id, round=rnd)
+        eps_round = epsilon([Mechanism(sigma, q, steps)], delta=policy.delta,
+                            accountant=policy.accountant)
     metrics = MetricRecord({
         keys.NUM_EXAMPLES: result.num_examples, keys.TRAIN_LOSS: result.loss,
-        keys.EPSILON: eps_total, keys.EPSILON_ROUND: eps_round, keys.DELTA: site.run.delta,
+        keys.EPSILON: eps_total, keys.EPSILON_ROUND: eps_round, keys.DELTA: policy.delta,
+        keys.EPSILON_CAP: policy.epsilon_cap, keys.NOISE_MULTIPLIER: sigma,
         keys.STEPS: result.steps, keys.SAMPLE_RATE: result.sample_rate,
         keys.PARTITION_ID: site.index})
     content = RecordDict({
         keys.ARRAYS: ArrayRecord(trainable_state(model)), keys.METRICS: metrics,
-        keys.STATUS: ConfigRecord({keys.SITE_ID: site.name, keys.STATE: keys.STATE_OK})})
+        keys.STATUS: ConfigRecord({keys.SITE_ID: site.name, keys.STATE: keys.STATE_OK,
+                                   keys.ACCOUNTANT: policy.accountant})})
     return Message(content=content, reply_to=msg)
 
 

@@ -42,6 +42,7 @@ STATE: Final = "state"
 STATE_OK: Final = "ok"
 STATE_REFUSED: Final = "refused"
 REASON: Final = "reason"
+ACCOUNTANT: Final = "accountant"  # the site's accountant (rdp or prv), from its policy
 EPSILON_SPENT: Final = "epsilon-spent"  # in a refusal: ε already spent (all runs)
 EPSILON_REMAINING: Final = "epsilon-remaining"  # in a refusal: cap - spent
 EPSILON_CAP: Final = "epsilon-cap"  # the site's own cap (reported, never sent down)

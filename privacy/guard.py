@@ -7,6 +7,7 @@ policy's accountant (Opacus RDP, Mironov et al. 2019; or PRV, Gopi et al. 2021).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -16,7 +17,7 @@ from privacy.policy import SitePolicy
 
 @dataclass(frozen=True)
 class TrainRequest:
-    """What the server asks the site to run this round."""
+    """What the server asks the site to run this round (``noise_multiplier == 0``: no DP)."""
 
     noise_multiplier: float
     clip_norm: float
@@ -54,6 +55,11 @@ def check(policy: SitePolicy, history: Sequence[Mechanism], request: TrainReques
     def refuse(reason: str, after: float = spent) -> Decision:
         return Decision(False, reason, spent, after, remaining)
 
+    if request.noise_multiplier == 0:
+        if policy.allow_non_dp:
+            return Decision(True, "", spent, math.inf, remaining)
+        return refuse("non-DP training was requested but the site's policy does not allow "
+                      "it (allow_non_dp = false)")
     if request.noise_multiplier < policy.min_noise_multiplier:
         return refuse(f"noise multiplier {request.noise_multiplier} is below the site's "
                       f"floor {policy.min_noise_multiplier}")

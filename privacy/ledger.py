@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from privacy.accounting import Mechanism
 
@@ -131,15 +131,21 @@ class Ledger:
 
     def append(self, *, run_id: str, round: int, noise_multiplier: float, sample_rate: float,
                steps: int, clip_norm: float, delta: float, accountant: str,
-               epsilon: float) -> dict:
+               epsilon: float | Callable[[list[Mechanism]], float]) -> dict:
         """Append one entry durably under the lock; returns the entry written.
 
         The chain is re-verified under the lock first, so a corrupt ledger is never
-        extended.
+        extended. ``epsilon`` may be a function of the history *including* the new
+        entry's mechanism, evaluated under the lock (so two processes appending at once
+        cannot both pass a cap check made on a stale history); it may raise to refuse.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with locked(self.path):
             existing = read_entries(self.path)
+            if callable(epsilon):
+                epsilon = epsilon([*(mechanism(e) for e in existing),
+                                   Mechanism(float(noise_multiplier), float(sample_rate),
+                                             int(steps))])
             prev = entry_hash(existing[-1]) if existing else GENESIS
             entry = {"run_id": str(run_id), "round": int(round),
                      "noise_multiplier": float(noise_multiplier),

@@ -9,6 +9,8 @@ Example ``policy.toml``::
     clip_norm_max = 10.0
     accountant = "rdp"           # or "prv"
     max_rounds_per_run = 100
+    target_epsilon_per_round = 0.0  # > 0: the site picks σ itself for this ε per round
+    allow_non_dp = false         # true only for research sites: non-DP rounds are unaccounted
 
 A missing or unreadable policy is an error (privacy fails closed).
 """
@@ -46,6 +48,12 @@ class SitePolicy:
         clip_norm_max: Largest allowed per-sample clipping norm C.
         accountant: ``rdp`` or ``prv``.
         max_rounds_per_run: Most rounds the site trains in within one run.
+        target_epsilon_per_round: When > 0, the site derives its own noise multiplier
+            for a round from this ε target (Opacus ``get_noise_multiplier``) and uses
+            the larger of it and the server's request.
+        allow_non_dp: Allow rounds without DP-SGD. Such rounds release updates that no
+            accountant covers (a documented leak), so the default is False and a
+            non-DP request is refused.
     """
 
     epsilon_cap: float
@@ -55,6 +63,8 @@ class SitePolicy:
     clip_norm_max: float = 100.0
     accountant: str = "rdp"
     max_rounds_per_run: int = 1000
+    target_epsilon_per_round: float = 0.0
+    allow_non_dp: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, fix: str) -> PolicyError:
@@ -78,6 +88,13 @@ class SitePolicy:
             raise bad("accountant", self.accountant, f"use one of {ACCOUNTANTS}")
         if not (isinstance(self.max_rounds_per_run, int) and self.max_rounds_per_run >= 1):
             raise bad("max_rounds_per_run", self.max_rounds_per_run, "use an integer >= 1")
+        if not (isinstance(self.target_epsilon_per_round, (int, float))
+                and math.isfinite(self.target_epsilon_per_round)
+                and 0 <= self.target_epsilon_per_round <= self.epsilon_cap):
+            raise bad("target_epsilon_per_round", self.target_epsilon_per_round,
+                      f"use 0 (off) or a number in (0, epsilon_cap={self.epsilon_cap}]")
+        if not isinstance(self.allow_non_dp, bool):
+            raise bad("allow_non_dp", self.allow_non_dp, "use true or false")
 
 
 _FIELDS = {f.name for f in fields(SitePolicy)}
@@ -128,7 +145,10 @@ def write_policy(path: str | Path, policy: SitePolicy) -> None:
     lines = []
     for f in fields(SitePolicy):
         v = getattr(policy, f.name)
-        lines.append(f'{f.name} = "{v}"' if isinstance(v, str) else f"{f.name} = {v!r}")
+        if isinstance(v, bool):
+            lines.append(f"{f.name} = {str(v).lower()}")
+        else:
+            lines.append(f'{f.name} = "{v}"' if isinstance(v, str) else f"{f.name} = {v!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

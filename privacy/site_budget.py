@@ -15,6 +15,10 @@ from privacy.ledger import Ledger, ledger_path
 from privacy.policy import SitePolicy, load_policy
 
 
+class BudgetExceeded(RuntimeError):
+    """A round would take a site past its ε cap."""
+
+
 @dataclass(frozen=True)
 class SiteBudget:
     """Policy + ledger of one site for one dataset."""
@@ -30,18 +34,38 @@ class SiteBudget:
         return check(self.policy, self.ledger.history(), request, rounds_this_run=rounds)
 
     def record(self, request: TrainRequest, *, run_id: str, round: int) -> float:
-        """Append the trained round durably (before the update leaves); returns total ε."""
-        history = [*self.ledger.history(),
-                   Mechanism(request.noise_multiplier, request.sample_rate, request.steps)]
-        eps = epsilon(history, delta=self.policy.delta, accountant=self.policy.accountant)
-        if eps > self.policy.epsilon_cap:
-            raise ValueError(f"refusing to record: epsilon {eps} exceeds cap "
-                             f"{self.policy.epsilon_cap} (the guard was bypassed)")
-        self.ledger.append(run_id=run_id, round=round, noise_multiplier=request.noise_multiplier,
-                           sample_rate=request.sample_rate, steps=request.steps,
-                           clip_norm=request.clip_norm, delta=self.policy.delta,
-                           accountant=self.policy.accountant, epsilon=eps)
-        return eps
+        """Append the trained round durably (before the update leaves); returns total ε.
+
+        The cap is checked again under the ledger's lock, on the history as it is then
+        (another run at the same site may have spent budget since ``decide``).
+
+        Raises:
+            BudgetExceeded: If the round would take the site past its cap; nothing is
+                written and the update must not leave the site.
+        """
+        if request.noise_multiplier == 0:
+            raise ValueError("a non-DP round has no ε to record; it is allowed only by "
+                             "allow_non_dp and is not accounted (see the policy)")
+
+        def checked(history: list[Mechanism]) -> float:
+            eps = epsilon(history, delta=self.policy.delta, accountant=self.policy.accountant)
+            if eps > self.policy.epsilon_cap:
+                raise BudgetExceeded(
+                    f"site {self.site}: recording this round would make epsilon {eps:.4g} "
+                    f"exceed the cap {self.policy.epsilon_cap}; the update is withheld")
+            return eps
+
+        entry = self.ledger.append(
+            run_id=run_id, round=round, noise_multiplier=request.noise_multiplier,
+            sample_rate=request.sample_rate, steps=request.steps,
+            clip_norm=request.clip_norm, delta=self.policy.delta,
+            accountant=self.policy.accountant, epsilon=checked)
+        return float(entry["epsilon"])
+
+    def spent(self) -> float:
+        """ε spent so far on this dataset (all runs)."""
+        return epsilon(self.ledger.history(), delta=self.policy.delta,
+                       accountant=self.policy.accountant)
 
 
 def open_site_budget(site_dir: str | Path, site: str, data_fingerprint: str, *,

@@ -28,9 +28,15 @@ from strategies.lora_math import LORA_A
 ROUND_TIMEOUT_S = 3600.0
 
 
+def _state(reply: Message) -> str | None:
+    """The site's reply state (ok / refused), or None for an error or empty reply."""
+    if reply.has_error() or not reply.has_content() or keys.STATUS not in reply.content:
+        return None
+    return str(reply.content[keys.STATUS][keys.STATE])
+
+
 def _ok(reply: Message) -> bool:
-    return (not reply.has_error() and reply.has_content()
-            and reply.content[keys.STATUS][keys.STATE] == keys.STATE_OK)
+    return _state(reply) == keys.STATE_OK
 
 
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
@@ -58,17 +64,29 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         keys.MAX_GRAD_NORM: cfg.max_grad_norm, keys.FREEZE_LORA_A: frozen_a})
     log = RunLog()
     progress = Progress(cfg.num_server_rounds, dp=cfg.dp)
+    spent_nodes: set[int] = set()  # sites that refused because their budget is spent
+    stopped = ""
     for rnd in range(1, cfg.num_server_rounds + 1):
         rlog = log.new_round(rnd)
         train_cfg[keys.SERVER_ROUND] = rnd
-        messages = list(strategy.configure_train(rnd, arrays, train_cfg, grid))
+        # Sites whose budget is spent are not asked again in this run.
+        messages = [m for m in strategy.configure_train(rnd, arrays, train_cfg, grid)
+                    if m.metadata.dst_node_id not in spent_nodes]
+        if not messages:
+            stopped = f"every site's privacy budget was spent before round {rnd}"
+            log.rounds.pop()
+            break
         log.sent(rlog, messages)
         replies = list(grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S))
         good = []
         for reply in replies:
-            if _ok(reply):
+            state = _state(reply)
+            if state == keys.STATE_OK:
                 log.trained(rlog, reply)
                 good.append(reply)
+            elif state == keys.STATE_REFUSED:
+                if log.refused(rlog, reply):
+                    spent_nodes.add(reply.metadata.src_node_id)
             else:
                 log.failed(rlog, reply, "train")
         new_arrays, _ = strategy.aggregate_train(rnd, good) if good else (None, None)
@@ -93,9 +111,16 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "duration_s": round(time.time() - started, 3),
         "config": cfg.to_mapping(),
-        "privacy": {"unit": "record", "accountant": "rdp", "dp": cfg.dp, "delta": cfg.delta,
+        "privacy": {"unit": "record", "dp": cfg.dp,
+                    "accountant": ", ".join(sorted({str(i["accountant"]) for i in
+                                                    log.sites.values() if "accountant" in i}))
+                    or "none",
                     "noise_multiplier": cfg.noise_multiplier if cfg.dp else 0.0,
-                    "max_grad_norm": cfg.max_grad_norm},
+                    "max_grad_norm": cfg.max_grad_norm,
+                    "note": "each site accounts with its own policy's accountant and delta "
+                            "(sites.*.accountant, sites.*.delta) in its own ledger",
+                    "refusals": [r for rl in log.rounds for r in rl.refusals]},
+        "stopped_early": stopped,
         "strategy": {"name": cfg.strategy,
                      "exact_residual": {str(k): v for k, v in
                                         getattr(strategy, "residuals", {}).items()}},

@@ -76,9 +76,35 @@ class RunLog:
                            "delta": float(m[keys.DELTA]), "steps": int(m[keys.STEPS]),
                            "sample_rate": float(m[keys.SAMPLE_RATE]),
                            "num_examples": int(m[keys.NUM_EXAMPLES])}
+        log.train[site]["noise_multiplier"] = float(m.get(keys.NOISE_MULTIPLIER, 0.0))
         info = self.sites.setdefault(site, {"partition_id": int(m[keys.PARTITION_ID])})
         info.update(num_train=int(m[keys.NUM_EXAMPLES]), epsilon=float(m[keys.EPSILON]),
-                    delta=float(m[keys.DELTA]))
+                    delta=float(m[keys.DELTA]), rounds_trained=info.get("rounds_trained", 0) + 1)
+        if keys.EPSILON_CAP in m:
+            cap = float(m[keys.EPSILON_CAP])
+            info.update(epsilon_cap=cap, epsilon_remaining=cap - float(m[keys.EPSILON]))
+        status = reply.content[keys.STATUS]
+        if keys.ACCOUNTANT in status:
+            info["accountant"] = str(status[keys.ACCOUNTANT])
+
+    def refused(self, log: RoundLog, reply: Message) -> bool:
+        """Record a site's structured refusal; True if its budget is spent for good."""
+        status = reply.content[keys.STATUS]
+        site = self.site_of(reply)
+        spent = bool(status.get(keys.BUDGET_SPENT, False))
+        entry = {"site": site, "node_id": reply.metadata.src_node_id,
+                 "reason": str(status[keys.REASON]),
+                 "epsilon_spent": float(status[keys.EPSILON_SPENT]),
+                 "epsilon_remaining": float(status[keys.EPSILON_REMAINING]),
+                 "epsilon_cap": float(status[keys.EPSILON_CAP]), "budget_spent": spent}
+        log.refusals.append(entry)
+        info = self.sites.setdefault(
+            site, {"partition_id": int(reply.content[keys.METRICS][keys.PARTITION_ID])})
+        info.setdefault("refused_from_round", log.round)
+        info.update(epsilon=entry["epsilon_spent"], epsilon_cap=entry["epsilon_cap"],
+                    epsilon_remaining=entry["epsilon_remaining"], refusal=entry["reason"])
+        info.setdefault("rounds_trained", 0)
+        return spent
 
     def evaluated(self, log: RoundLog, reply: Message) -> None:
         m = reply.content[keys.METRICS]

@@ -12,6 +12,7 @@ import os
 import warnings
 from pathlib import Path
 
+from fedadapt import keys
 from fedadapt.config import RunConfig
 
 
@@ -49,8 +50,19 @@ def simulate(cfg: RunConfig, *, gpu_fraction: float = 0.5, verbose: bool = False
     from server.app import build_server_app
     from server.rundir import new_run_dir
 
+    from client.budget import provision_simulated_sites
+    from client.site import site_from_context
+
     run_dir = new_run_dir(cfg.out_dir)
+    # Each simulated hospital gets its own folder (policy.toml + ledger/): fresh inside
+    # the run directory, or the kept `sites-dir` whose ledgers compose across runs.
+    if not cfg.sites_dir:
+        cfg = cfg.replace(sites_dir=str(run_dir / "sites"))
     overrides = cfg.to_mapping()
+    names = [site_from_context(overrides, {keys.NODE_PARTITION_ID: i,
+                                           keys.NODE_NUM_PARTITIONS: cfg.num_sites}).name
+             for i in range(cfg.num_sites)]
+    provision_simulated_sites(cfg, Path(cfg.sites_dir), names)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -20,7 +20,7 @@ from server.record import payload_bytes
 from simulations.runner import simulate
 
 CFG = dict(num_sites=2, num_server_rounds=3, site_train_size=240, site_test_size=96,
-           noise_multiplier=0.8, local_epochs=2, lr=0.03)
+           noise_multiplier=0.8, local_epochs=2, lr=0.03, epsilon_cap=100.0)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,21 @@ def test_epsilon_matches_opacus_accountant(dp_run):
         assert summary["rounds"][-1]["train"][site]["epsilon"] == pytest.approx(eps, rel=1e-9)
 
 
+def test_one_ledger_per_site_and_audit_agrees(dp_run):
+    from privacy.audit import audit_ledger
+
+    cfg, run_dir, summary = dp_run
+    assert summary["config"]["sites-dir"] == str(run_dir / "sites")
+    for site, info in summary["sites"].items():
+        ledgers = list((run_dir / "sites" / site / "ledger").glob("*.jsonl"))
+        assert len(ledgers) == 1
+        audit = audit_ledger(ledgers[0]).to_dict()
+        assert audit["ok"] and audit["rounds"] == cfg.num_server_rounds
+        assert audit["cap"] == cfg.epsilon_cap == info["epsilon_cap"]
+        assert audit["eps_spent"] == pytest.approx(info["epsilon"], rel=1e-9)
+        assert info["rounds_trained"] == cfg.num_server_rounds and "refused_from_round" not in info
+
+
 def test_adapter_saved_in_peft_format_and_reloads(dp_run):
     import torch
 
@@ -110,4 +125,7 @@ def test_no_dp_run_completes(tmp_path):
     summary = json.loads((simulate(cfg) / "summary.json").read_text())
     assert summary["privacy"]["dp"] is False
     assert all(s["epsilon"] == 0.0 for s in summary["sites"].values())
+    # The simulated sites' policies allow non-DP rounds only because DP is off; such
+    # rounds are not accounted, so no ledger entry is written.
+    assert not list((tmp_path / summary["run_dir"].split("/")[-1] / "sites").glob("*/ledger/*"))
     assert summary["rounds"][0]["accuracy"] is not None

@@ -14,6 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from client.budget import provision_simulated_sites
+from client.site import site_from_context
+from fedadapt.config import RunConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = """[superlink]
 default = "local-simulation"
@@ -48,8 +52,15 @@ def test_flwr_run_local_simulation(tmp_path):
     (home / "config.toml").write_text(CONNECTION)
     env = {**os.environ, "FLWR_HOME": str(home),
            "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # Each site's own folder (policy.toml + ledger/); without one a site refuses to train.
+    sites = tmp_path / "sites"
+    cfg = RunConfig(num_server_rounds=1, site_train_size=64, site_test_size=32, out_dir=str(out),
+                    sites_dir=str(sites))
+    names = [site_from_context(cfg.to_mapping(), {"partition-id": i, "num-partitions": 3}).name
+             for i in range(3)]
+    provision_simulated_sites(cfg, sites, names)
     overrides = (f'num-server-rounds=1 site-train-size=64 site-test-size=32 '
-                 f'out-dir="{out}"')
+                 f'out-dir="{out}" sites-dir="{sites}"')
     try:
         proc = subprocess.run([flwr, "run", ".", "local-simulation", "--stream", "-c", overrides], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=300)
@@ -64,3 +75,4 @@ def test_flwr_run_local_simulation(tmp_path):
     assert len(summary["sites"]) == 3
     assert summary["config"]["num-server-rounds"] == 1
     assert all(s["epsilon"] > 0 for s in summary["sites"].values())
+    assert all(len(list((sites / name / "ledger").glob("*.jsonl"))) == 1 for name in names)
