@@ -93,11 +93,11 @@ def track_round(cfg: RunConfig, run_dir: Path, log: RoundLog) -> None:
         _mlflow(cfg, Path(run_dir), log.round, scalars)
 
 
-def _missing(option: str, package: str) -> TrackingError:
+def _missing(option: str, install: str) -> TrackingError:
     return TrackingError(
-        f"run config '{option}' is true but the Python package '{package}' is not installed "
-        f"in this environment; install it (pip install 'fedadapt[tracking]' or pip install "
-        f"{package}) or set {option} = false")
+        f"run config '{option}' is true but the Python package '{option}' cannot be imported "
+        f"in this environment; install it (pip install 'fedadapt[tracking]', or pip install "
+        f"{install}) or set {option} = false")
 
 
 def _tensorboard(log_dir: Path, step: int, scalars: dict[str, float]) -> None:

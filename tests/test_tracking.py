@@ -98,5 +98,6 @@ def test_missing_package_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow.entities", None)
     monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
     cfg = RunConfig(out_dir=str(tmp_path), mlflow=True)
-    with pytest.raises(TrackingError, match="'mlflow' is true.*mlflow-skinny.*mlflow = false"):
+    with pytest.raises(TrackingError, match="'mlflow' is true.*'mlflow' cannot be imported"
+                       ".*pip install mlflow-skinny.*mlflow = false"):
         track_round(cfg, tmp_path, _round(1))
