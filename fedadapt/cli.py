@@ -22,6 +22,7 @@ COMMANDS = (
     "fedadapt.cmd_certs",
     "fedadapt.cmd_site",
     "fedadapt.cmd_server",
+    "fedadapt.cmd_pretrain",
 )
 
 

@@ -58,6 +58,9 @@ class RunConfig:
             (``policy.toml``, ``ledger/``); empty: fresh sites inside the run directory,
             so budgets start at zero each run. Point it at a kept folder to make spending
             compose across runs.
+        backbone_weights: Encoder weights of the frozen ViT: ``builtin`` (the shipped
+            MAE-pretrained checkpoint, see ``fedadapt pretrain``), ``random`` (seeded random
+            init) or a ``.safetensors``/``.pt``/``.pth`` path (absolute: sites run elsewhere).
         tensorboard: Log per-round, per-site metrics, ε and bytes as TensorBoard scalars
             in ``<run dir>/tensorboard/`` (``server.tracking``; needs ``tensorboard``).
         mlflow: Log the same to MLflow's local file store ``<out_dir>/mlruns``
@@ -88,6 +91,7 @@ class RunConfig:
     proximal_mu: float = 0.01
     epsilon_cap: float = 12.0
     sites_dir: str = ""
+    backbone_weights: str = "random"
     tensorboard: bool = False
     mlflow: bool = False
 
@@ -119,6 +123,9 @@ class RunConfig:
         need(self.strategy in STRATEGIES, "strategy", f"one of {', '.join(STRATEGIES)}")
         need(self.proximal_mu >= 0, "proximal-mu", "a number >= 0")
         need(self.epsilon_cap > 0, "epsilon-cap", "a positive number")
+        need(self.backbone_weights in ("builtin", "random") or self.backbone_weights.lower()
+             .endswith((".safetensors", ".pt", ".pth")), "backbone-weights",
+             "'builtin', 'random' or a .safetensors/.pt/.pth file path")
         if self.dp and self.noise_multiplier == 0:
             errors.append("'noise-multiplier' is 0 while 'dp' is on: that is no privacy at all; "
                           "set a positive noise multiplier or turn DP off explicitly (--no-dp)")
@@ -158,7 +165,8 @@ class RunConfig:
         from fedimaging.backbones import ModelSpec
 
         return ModelSpec(image_size=self.image_size, num_classes=self.num_classes,
-                         lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, seed=self.seed)
+                         lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, seed=self.seed,
+                         backbone_weights=self.backbone_weights)
 
     def replace(self, **changes: Any) -> "RunConfig":
         """A copy with some fields changed (validated again)."""

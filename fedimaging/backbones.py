@@ -8,6 +8,7 @@ rebuilt deterministically at every site from its spec (seed), so it never travel
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -15,9 +16,16 @@ from monai.networks.nets import ViT
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from fedimaging.weights import CheckpointError, load_weights
+
 #: LoRA goes into the attention projections of MONAI's ``SABlock``.
 VIT_LORA_TARGETS = ("qkv", "out_proj")
 HEAD = "head"
+#: The shipped MAE-pretrained encoder of the default ``ModelSpec`` (``fedadapt pretrain``).
+BUILTIN_WEIGHTS = Path(__file__).resolve().parent / "pretrained" / "vit-default-mae.safetensors"
+#: ``ViTClassifier`` tensors an encoder checkpoint does not hold: the task head (trained
+#: with the adapters) and the feature standardisation (recomputed for the loaded encoder).
+ENCODER_ALLOW_MISSING = (r"^head\.", r"^feature_(mean|std)$")
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,9 @@ class ModelSpec:
         lora_rank: LoRA rank r.
         lora_alpha: LoRA α.
         seed: Seed of the (frozen) backbone and of the initial adapters.
+        backbone_weights: Encoder weights: ``"random"`` (seeded random init),
+            ``"builtin"`` (the shipped MAE-pretrained checkpoint, :data:`BUILTIN_WEIGHTS`)
+            or a path to a ``.safetensors``/``.pt``/``.pth`` holding ``encoder.*`` tensors.
     """
 
     image_size: int = 32
@@ -47,8 +58,12 @@ class ModelSpec:
     lora_rank: int = 8
     lora_alpha: int = 16
     seed: int = 0
+    backbone_weights: str = "random"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.backbone_weights, str) or not self.backbone_weights:
+            raise ValueError("backbone_weights must be 'builtin', 'random' or a checkpoint "
+                             f"path, got {self.backbone_weights!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of "
                              f"patch_size {self.patch_size}")
@@ -112,19 +127,48 @@ def public_reference_images(image_size: int, n: int = 256) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def backbone_weights_path(choice: str) -> Path | None:
+    """The checkpoint file of a ``backbone_weights`` choice; None for ``"random"``.
+
+    Raises:
+        CheckpointError: If the file (the shipped one for ``"builtin"``) does not exist.
+    """
+    if choice == "random":
+        return None
+    path = BUILTIN_WEIGHTS if choice == "builtin" else Path(choice).expanduser()
+    if not path.is_file():
+        what = ("the shipped checkpoint is missing from the installed package; reinstall "
+                "fedadapt or recreate it with `fedadapt pretrain --out " + str(path) + "`"
+                if choice == "builtin" else "use 'builtin', 'random' or an existing "
+                ".safetensors/.pt/.pth file (an absolute path: sites run in other folders)")
+        raise CheckpointError(f"backbone-weights {choice!r}: file {path} not found; {what}")
+    return path
+
+
 def build_model(spec: ModelSpec) -> PeftModel:
     """Build the frozen backbone and inject LoRA with PEFT.
+
+    The encoder is seeded-random or loaded strictly from ``spec.backbone_weights`` (every
+    ``encoder.*`` tensor must be present and fit); the feature standardisation is then
+    measured on the public reference images *through that encoder*, so a pretrained
+    encoder gets its own constants.
 
     Args:
         spec: The model spec. The same spec yields bit-identical weights.
 
     Returns:
         A ``PeftModel`` whose only trainable tensors are LoRA factors and the head.
+
+    Raises:
+        CheckpointError: If the weights file is missing, unreadable or does not fit.
     """
+    path = backbone_weights_path(spec.backbone_weights)
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(spec.seed)
         base = ViTClassifier(spec)
+        if path is not None:
+            load_weights(base, path, allow_missing=ENCODER_ALLOW_MISSING)
         base.eval()
         base.calibrate(public_reference_images(spec.image_size))
         base.train()
