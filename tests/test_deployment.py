@@ -90,3 +90,128 @@ def test_tls_superlink_registered_site_joins_unregistered_cannot(tmp_path):
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+# --- a full TLS run: fedadapt server start, three fedadapt site start, flwr run ---------
+
+ROOT = Path(__file__).resolve().parents[1]
+SITES = ("a", "b", "c")
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """Stop the processes this test started (by PID) and their children."""
+    import psutil
+
+    for p in reversed(procs):
+        if p.poll() is not None:
+            continue
+        try:
+            kids = psutil.Process(p.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            kids = []
+        p.terminate()
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        for k in kids:
+            try:
+                k.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+@pytest.mark.heavy
+def test_tls_run_of_three_sites_started_with_fedadapt_commands(tmp_path):
+    """The README's commands end to end: certs, site folders, a TLS SuperLink with site
+    authentication, three site SuperNodes, and one round launched with ``flwr run``."""
+    import json
+
+    from fedadapt import cmd_certs, cmd_site
+    from fedadapt.config import RunConfig
+    from fedimaging.synthetic import default_sites
+
+    fedadapt = str(BIN / "fedadapt")
+
+    def cli(module, argv: list[str]) -> None:  # the same code as `fedadapt ...`, in-process
+        import argparse
+
+        parser = argparse.ArgumentParser(prog="fedadapt")
+        module.register(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(argv)
+        assert args.func(args) == 0
+
+    home, certs, out = tmp_path / "home", tmp_path / "certs", tmp_path / "runs"
+    cli(cmd_certs, ["certs", str(certs), "--sites", ",".join(SITES)])
+    for i, s in enumerate(SITES):
+        cli(cmd_site, ["site", "init", str(tmp_path / "sites" / s), "--name", s,
+                       "--data", "synthetic", "--device", "cpu", "--partition-id", str(i),
+                       "--num-sites", str(len(SITES)), "--epsilon-cap", "50"])
+    port = _port()
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink.hospitals]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{certs / "ca.pem"}"\n')
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               FLWR_HOME=str(home))
+    procs: list[subprocess.Popen] = []
+
+    def start(args: list[str], log: str) -> None:
+        procs.append(subprocess.Popen(args, cwd=tmp_path, env=env,
+                                      stdout=open(tmp_path / log, "w"),
+                                      stderr=subprocess.STDOUT))
+
+    def flwr(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+
+    try:
+        start([fedadapt, "server", "start", "--certs", str(certs), "--port", str(port),
+               "--database", str(tmp_path / "state.db")], "superlink.log")
+        for s in SITES:
+            for _ in range(90):  # until the SuperLink answers
+                reg = flwr("supernode", "register", str(certs / "sites" / s / "auth.pub"),
+                           "hospitals")
+                if "registered successfully" in reg.stdout:
+                    break
+                time.sleep(1)
+            assert "registered successfully" in reg.stdout, \
+                reg.stdout + (tmp_path / "superlink.log").read_text()
+        for s in SITES:
+            start([fedadapt, "site", "start", str(tmp_path / "sites" / s), "--superlink",
+                   f"127.0.0.1:{port}", "--root-certificates", str(certs / "ca.pem"),
+                   "--auth-key", str(certs / "sites" / s / "auth.key"), "--port",
+                   str(_port())], f"supernode-{s}.log")
+        for s in SITES:
+            assert _wait_for(tmp_path / f"supernode-{s}.log", "SuperNode ID:", 120), \
+                (tmp_path / f"supernode-{s}.log").read_text()
+        overrides = (f'num-server-rounds=1 num-sites=3 site-train-size=48 '
+                     f'site-test-size=16 local-epochs=1 out-dir="{out}"')
+        if "backbone-weights" in RunConfig().to_mapping():
+            # The shipped checkpoint is not a FAB file type (flwr packs *.py, *.toml, ...).
+            overrides += ' backbone-weights="random"'
+        run = flwr("run", ".", "hospitals", "--stream", "-c", overrides, timeout=600)
+        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}"
+                         for p in sorted(tmp_path.glob("*.log")))
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:] + logs
+        summaries = list(out.glob("*/summary.json"))
+        assert len(summaries) == 1, run.stdout[-3000:] + logs
+        summary = json.loads(summaries[0].read_text())
+    finally:
+        _stop(procs)
+    # Each site ran as itself (its own name from site.toml) ...
+    assert sorted(summary["sites"]) == list(SITES)
+    # ... on the data simulated site `partition-id` of the same seed would have.
+    sim = default_sites(3, 48, 16, 0)
+    for i, s in enumerate(SITES):
+        info = summary["sites"][s]
+        assert info["partition_id"] == i
+        assert info["num_train"] == sim[i].train_size and info["rounds_trained"] == 1
+        assert info["epsilon"] > 0
+    # Each site's ledger, in its own folder, recorded exactly the one round it trained.
+    for s in SITES:
+        ledgers = list((tmp_path / "sites" / s / "ledger").glob("*.jsonl"))
+        assert len(ledgers) == 1, s
+        entries = [json.loads(line) for line in ledgers[0].read_text().splitlines()]
+        assert [e["round"] for e in entries] == [1]
