@@ -1,5 +1,7 @@
 """Real Flower 1.41 processes on loopback: SuperLink with TLS (certs from ``deploy.certs``)
-and SuperNode authentication; a registered site joins, an unregistered one cannot."""
+and SuperNode authentication; a registered site joins, an unregistered one or one that
+does not trust the federation's CA cannot; and a full TLS run started with the README's
+``fedadapt`` commands."""
 
 from __future__ import annotations
 
@@ -67,16 +69,22 @@ def test_tls_superlink_registered_site_joins_unregistered_cannot(tmp_path):
                 break
             time.sleep(1)
         assert reg is not None and "registered successfully" in reg.stdout, reg.stdout
-        for site, retries in (("a", []), ("b", ["--max-retries", "1"])):
+        rogue = generate(tmp_path / "rogue", ("a",))  # a CA the SuperLink's cert is not from
+        once = ["--max-retries", "1"]
+        for log, ca, key, retries in (
+                ("a", certs.ca_cert, certs.site_keys["a"][0], []),
+                ("b", certs.ca_cert, certs.site_keys["b"][0], once),  # not registered
+                ("a-wrong-ca", rogue.ca_cert, certs.site_keys["a"][0], once)):
             start([str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
-                   "--root-certificates", str(certs.ca_cert), "--auth-supernode-private-key",
-                   str(certs.site_keys[site][0]), "--port", str(_port()), *retries],
-                  f"supernode-{site}.log")
+                   "--root-certificates", str(ca), "--auth-supernode-private-key",
+                   str(key), "--port", str(_port()), *retries], f"supernode-{log}.log")
         assert _wait_for(tmp_path / "supernode-a.log", "SuperNode ID:", 60), \
             (tmp_path / "supernode-a.log").read_text()
-        b = procs[-1]
-        b.wait(timeout=60)  # the unregistered site gives up instead of joining
-        assert "SuperNode ID:" not in (tmp_path / "supernode-b.log").read_text()
+        for p, log in zip(procs[-2:], ("b", "a-wrong-ca")):
+            p.wait(timeout=90)  # gives up instead of joining
+            assert "SuperNode ID:" not in (tmp_path / f"supernode-{log}.log").read_text()
+        assert "CERTIFICATE_VERIFY_FAILED" in \
+            (tmp_path / "supernode-a-wrong-ca.log").read_text()
         ls = subprocess.run([str(BIN / "flwr"), "supernode", "ls", "t"], env=env,
                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert ls.stdout.count("online") == 1, ls.stdout
