@@ -10,12 +10,14 @@ Nothing here is taken from server messages.
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
 from deploy.site_config import SITE_TOML, SiteConfig, load_site_config
@@ -26,6 +28,9 @@ from fedimaging.datalist import ImageSpec, load_split
 from fedimaging.medmnist import load_medmnist
 from fedimaging.synthetic import ScannerShift, SiteSpec, default_sites, make_site_data
 from simulations.scenario import Scenario, load_scenario, site_data
+
+
+PERSONAL_DIR = "personal"  # <site-dir>/personal/<name>.safetensors
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,67 @@ class Site:
     def personalised_keys(self) -> tuple[str, ...]:
         """Tensor-name substrings this site keeps local (its ``site.toml``); () in simulation."""
         return self.config.personalised_keys if self.config is not None else ()
+
+    @property
+    def personal_path(self) -> Path | None:
+        """Where a deployed site keeps its personalised tensors between rounds and runs."""
+        if self.site_dir is None or not self.personalised_keys:
+            return None
+        return self.site_dir / PERSONAL_DIR / f"{self.name}.safetensors"
+
+    def personalise(self, received: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``received`` with this site's own values for its personalised tensors.
+
+        Personal layers in the manner of FedPer (Arivazhagan et al., "Federated Learning
+        with Personalization Layers", 2019): tensors whose names contain a personalised
+        key start from the site's stored copy instead of the server's aggregate (the
+        server's value is used until the site has stored one). The site still replies
+        with them, so every reply carries the same tensors for aggregation.
+
+        Raises:
+            ValueError: If a personalised key matches no received tensor, or a stored
+                tensor's shape differs from the received one (the model changed).
+        """
+        out = dict(received)
+        keys_ = self.personalised_keys
+        if not keys_:
+            return out
+        unmatched = [k for k in keys_ if not any(k in name for name in out)]
+        if unmatched:
+            raise ValueError(f"site {self.name}: personalised key(s) {unmatched} in "
+                             f"{self.site_dir / SITE_TOML if self.site_dir else 'site.toml'} "
+                             f"match no tensor of the model; names look like "
+                             f"{sorted(out)[:3]}")
+        path = self.personal_path
+        if path is None or not path.is_file():
+            return out
+        for name, t in load_file(str(path)).items():
+            if name not in out:
+                continue
+            if tuple(out[name].shape) != tuple(t.shape):
+                raise ValueError(f"site {self.name}: stored personal tensor {name!r} in {path} "
+                                 f"has shape {tuple(t.shape)}, the run's model has "
+                                 f"{tuple(out[name].shape)}; the model changed (LoRA rank, "
+                                 f"classes?): move {path} away to start afresh")
+            out[name] = t.to(dtype=out[name].dtype)
+        return out
+
+    def store_personal(self, state: Mapping[str, torch.Tensor]) -> Path | None:
+        """Keep this round's personalised tensors for the next one (atomic replace).
+
+        Returns:
+            The file written, or None when the site personalises nothing.
+        """
+        path = self.personal_path
+        if path is None:
+            return None
+        mine = {n: t.detach().cpu().contiguous() for n, t in state.items()
+                if any(k in n for k in self.personalised_keys)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(mine, str(tmp))
+        os.replace(tmp, path)
+        return path
 
     def model_spec(self) -> ModelSpec:
         """The architecture every site and the server share."""

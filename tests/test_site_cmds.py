@@ -234,3 +234,30 @@ def test_simulated_path_is_unchanged_without_a_site_toml(tmp_path):
     site = site_from_context(RUN, node)
     assert site.config is None and site.name == "hospital-a"
     assert site.run == RunConfig.from_mapping(RUN)
+
+
+def test_personalised_tensors_stay_at_the_site(tmp_path):
+    from fedimaging.backbones import ModelSpec, build_model, trainable_state
+
+    received = trainable_state(build_model(ModelSpec(image_size=16, lora_rank=2)))
+    d = _site(tmp_path, data="synthetic", personalised_keys=("head",))
+    site = site_from_context(RUN, {keys.NODE_SITE_DIR: str(d)})
+    heads = [n for n in received if "head" in n]
+    assert heads and len(heads) < len(received)
+    assert site.personalise(received).keys() == received.keys()  # nothing stored yet
+    trained = {n: t + 1.0 for n, t in received.items()}
+    path = site.store_personal(trained)
+    assert path == d / "personal" / "a.safetensors"
+    mixed = site.personalise(received)  # next round: the server's aggregate arrives
+    for n in received:
+        want = trained[n] if n in heads else received[n]
+        assert torch.equal(mixed[n], want), n
+    wrong = {n: (torch.zeros(t.shape[0] + 1, *t.shape[1:]) if n in heads else t)
+             for n, t in received.items()}
+    with pytest.raises(ValueError, match="the model changed"):
+        site.personalise(wrong)
+    typo = _site(tmp_path, name="b", data="synthetic", personalised_keys=("haed",))
+    with pytest.raises(ValueError, match=r"\['haed'\] .* match no tensor"):
+        site_from_context(RUN, {keys.NODE_SITE_DIR: str(typo)}).personalise(received)
+    sim = site_from_context(RUN, {keys.NODE_PARTITION_ID: 0})
+    assert sim.personalise(received) == received and sim.store_personal(trained) is None
