@@ -138,7 +138,8 @@ def init_site(site_dir: str | Path, cfg: SiteConfig, policy: dict[str, Any], *,
 def check_site(site_dir: str | Path) -> SiteConfig:
     """Everything ``fedadapt site start`` verifies before connecting (fails closed).
 
-    Checks that ``site.toml`` is valid and its data file exists, that ``policy.toml``
+    Checks that ``site.toml`` is valid, its data file exists and a ``cuda`` device is
+    there, that ``policy.toml``
     parses and is a valid policy, and that every ledger in ``ledger/`` has an intact
     hash chain.
 
@@ -152,6 +153,13 @@ def check_site(site_dir: str | Path) -> SiteConfig:
     """
     folder = SiteFolder(Path(site_dir))
     cfg = load_site_config(folder.root)
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SiteConfigError(f"{folder.site_toml}: device = \"cuda\" but torch sees no "
+                                  "CUDA device here; install a CUDA build of torch, or set "
+                                  "device = \"auto\" or \"cpu\"")
     try:
         doc = tomllib.loads(folder.policy_toml.read_text())
     except FileNotFoundError as err:

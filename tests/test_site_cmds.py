@@ -261,3 +261,10 @@ def test_personalised_tensors_stay_at_the_site(tmp_path):
         site_from_context(RUN, {keys.NODE_SITE_DIR: str(typo)}).personalise(received)
     sim = site_from_context(RUN, {keys.NODE_PARTITION_ID: 0})
     assert sim.personalise(received) == received and sim.store_personal(trained) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_check_site_refuses_cuda_without_a_gpu(tmp_path):
+    d = _site(tmp_path, data="synthetic", device="cuda")
+    with pytest.raises(SiteConfigError, match="torch sees no CUDA device"):
+        check_site(d)
