@@ -9,7 +9,7 @@ from pathlib import Path
 
 from deploy.commands import (ISOLATIONS, SUPERNODE_PORT, SuperNodeOptions, shell_line,
                              supernode_command)
-from deploy.site_config import SiteConfig, ImageReading
+from deploy.site_config import ImageReading, SiteConfig
 from deploy.site_folder import check_site, init_site
 from fedadapt.config import DEVICES
 
@@ -96,10 +96,10 @@ def _init(args: argparse.Namespace) -> int:
     folder = init_site(args.dir, cfg, policy, force=args.force)
     print(f"site {cfg.name}: wrote {folder.site_toml} and {folder.policy_toml}; ledger in "
           f"{folder.ledger}/")
-    if not cfg.synthetic and cfg.data_path(folder.root) is not None \
-            and not cfg.data_path(folder.root).is_file():  # type: ignore[union-attr]
-        print(f"note: data file {cfg.data_path(folder.root)} does not exist yet; "
-              "`fedadapt site start` will refuse to start until it does", file=sys.stderr)
+    data = cfg.data_path(folder.root)
+    if data is not None and not data.is_file():
+        print(f"note: data file {data} does not exist yet; `fedadapt site start` will "
+              "refuse to start until it does", file=sys.stderr)
     return 0
 
 

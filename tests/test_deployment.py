@@ -175,8 +175,14 @@ def test_tls_run_of_three_sites_started_with_fedadapt_commands(tmp_path):
                               capture_output=True, text=True, timeout=timeout)
 
     try:
+        # As in docker-compose.yml: the ServerApp runs in a separate executor process
+        # (process isolation, TLS + shared secret); so does site a's ClientApp.
         start([fedadapt, "server", "start", "--certs", str(certs), "--port", str(port),
-               "--database", str(tmp_path / "state.db")], "superlink.log")
+               "--database", str(tmp_path / "state.db"), "--isolation", "process"],
+              "superlink.log")
+        start([str(BIN / "flower-superexec"), "--runtime-api-address", f"127.0.0.1:{port}",
+               "--root-certificates", str(certs / "ca.pem"), "--superexec-auth-secret-file",
+               str(certs / "superexec.secret")], "serverapp-executor.log")
         for s in SITES:
             for _ in range(90):  # until the SuperLink answers
                 reg = flwr("supernode", "register", str(certs / "sites" / s / "auth.pub"),
@@ -187,10 +193,17 @@ def test_tls_run_of_three_sites_started_with_fedadapt_commands(tmp_path):
             assert "registered successfully" in reg.stdout, \
                 reg.stdout + (tmp_path / "superlink.log").read_text()
         for s in SITES:
+            node_port = _port()
+            isolation = "process" if s == "a" else "subprocess"
             start([fedadapt, "site", "start", str(tmp_path / "sites" / s), "--superlink",
                    f"127.0.0.1:{port}", "--root-certificates", str(certs / "ca.pem"),
                    "--auth-key", str(certs / "sites" / s / "auth.key"), "--port",
-                   str(_port())], f"supernode-{s}.log")
+                   str(node_port), "--isolation", isolation], f"supernode-{s}.log")
+            if isolation == "process":
+                start([str(BIN / "flower-superexec"), "--runtime-api-address",
+                       f"127.0.0.1:{node_port}", "--insecure", "--superexec-auth-secret-file",
+                       str(tmp_path / "sites" / s / "superexec.secret")],
+                      f"clientapp-executor-{s}.log")
         for s in SITES:
             assert _wait_for(tmp_path / f"supernode-{s}.log", "SuperNode ID:", 120), \
                 (tmp_path / f"supernode-{s}.log").read_text()

@@ -18,7 +18,7 @@ from client.site import site_from_context
 from deploy.certs import generate
 from deploy.commands import DeployError, SuperLinkOptions, superlink_command
 from deploy.site_config import (ImageReading, SiteConfig, SiteConfigError, load_site_config,
-                                render_site_config, write_site_config)
+                                write_site_config)
 from deploy.site_folder import check_site, init_site, render_policy
 from fedadapt import cmd_server, cmd_site, keys
 from fedadapt.config import RunConfig
