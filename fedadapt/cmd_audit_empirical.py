@@ -115,7 +115,7 @@ def format_table(r: AuditResult) -> str:
         ("verdict", "VIOLATION: eps_lower > eps_claimed" if r.violated
          else "consistent: eps_lower <= eps_claimed"),
     ]
-    if r.epsilon_ceiling <= r.epsilon_claimed:
+    if run["dp"] and r.epsilon_ceiling <= r.epsilon_claimed:
         rows.append(("note", "eps_claimed >= the ceiling: this game cannot show a violation; "
                              "use a config with a smaller claim or more canaries"))
     w = max(len(k) for k, _ in rows)

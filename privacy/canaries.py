@@ -7,16 +7,19 @@ gradients like any other record's:
 * ``dirac`` — white-box *gradient-space* canaries (Nasr et al., USENIX Security 2023,
   "Tight auditing of differentially private machine learning"; Steinke, Nasr &
   Jagielski, NeurIPS 2023, §6). Canary c's per-sample gradient is a fixed vector
-  ``g_c = norm · e_{j_c} ⊗ v_{k_c}`` on the trainable task head (column ``j_c`` of the
-  head's weight, direction ``v_{k_c}`` among the class logits), plus a small shared
-  bias term; the canaries' directions are mutually orthogonal, so at most
-  ``hidden_size · (num_classes − 1)`` of them fit. The gradient does not depend on the
-  model's state: the head's input for a canary row is replaced by ``a · e_j`` and its
+  ``g_c = norm · v_{k_c} ⊗ u_{j_c}`` on the trainable task head's weight (head-input
+  direction ``u_{j_c}``, class-logit direction ``v_{k_c}``), plus a small shared bias
+  term; the canaries' directions are mutually orthogonal, so at most
+  ``hidden_size · (num_classes − 1)`` of them fit. The ``u_j`` are the head-input
+  directions that public reference images use least (``public_feature_basis``), so the
+  site's own records barely move the weights along them; in the coordinate basis these
+  are Dirac canaries up to a fixed rotation. The gradient does not depend on the
+  model's state: the head's input for a canary row is replaced by ``a · u_j`` and its
   logits by a straight-through constant ``L0`` with ``softmax(L0) − onehot(k) ∝ v_k``
   (forward hooks on the real PEFT model; LoRA tensors get a zero gradient from a
   canary). A correct clip scales ``g_c`` down to C; with clipping off it keeps its raw
   norm (``norm`` ≫ C), which is what makes a missing clip visible. Score: the model
-  update projected on the canary's direction, ``−⟨ΔW_head, g_c⟩ / ‖g_c‖``.
+  update projected on the canary's direction, ``−v_kᵀ ΔW_head u_j``.
 * ``input`` — black-box *input-space* canaries: Gaussian-noise images with random
   labels; score: label-centred loss decrease. Weak (kept for comparison).
 
@@ -36,7 +39,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedimaging.backbones import ModelSpec
+from fedimaging.backbones import ModelSpec, ViTClassifier, public_reference_images
 
 CANARY_TYPES = ("dirac", "input")
 MARK = 1.0e6
@@ -75,6 +78,8 @@ class Canaries:
         columns: Dirac canaries: head column j of each canary, shape (m,).
         kinds: Dirac canaries: logit direction k ∈ 1..K−1 of each canary, shape (m,).
         norm: Dirac canaries: raw per-sample gradient norm (before clipping).
+        directions: Dirac canaries: (h, n) orthonormal head-input directions; canary c
+            uses column ``columns[c]``.
     """
 
     kind: str
@@ -82,6 +87,7 @@ class Canaries:
     columns: torch.Tensor | None = None
     kinds: torch.Tensor | None = None
     norm: float = 0.0
+    directions: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.data)
@@ -91,7 +97,32 @@ class Canaries:
         return TensorDataset(x[idx], y[idx])
 
 
-def make_canaries(kind: str, m: int, spec: ModelSpec, *, norm: float, seed: int) -> Canaries:
+def public_feature_basis(model: nn.Module, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal directions of the head's input space, least-used by images first.
+
+    Eigen-decomposition of the second moment of the standardised head features of the
+    *public* reference images (``public_reference_images``; no site data). The frozen
+    encoder's features are nearly low-rank, so the real records' gradients on the head
+    hardly touch the last directions; Dirac canaries placed there are not drowned by the
+    site's own gradient.
+
+    Returns:
+        ``(basis, variance)``: (h, h) eigenvectors as columns and their (h,) eigenvalues,
+        ascending.
+    """
+    vit = _head_owner(model)
+    was_training = vit.training
+    vit.eval()
+    with torch.no_grad():
+        ref = public_reference_images(spec.image_size)
+        z = (vit.features(ref) - vit.feature_mean) / vit.feature_std  # (n, h)
+        var, basis = torch.linalg.eigh((z.T @ z / len(z)).double())
+    vit.train(was_training)
+    return basis.float(), var.float()
+
+
+def make_canaries(kind: str, m: int, spec: ModelSpec, *, norm: float, seed: int,
+                  basis: torch.Tensor | None = None) -> Canaries:
     """Build m canaries of ``kind`` for models of ``spec``.
 
     Args:
@@ -99,15 +130,18 @@ def make_canaries(kind: str, m: int, spec: ModelSpec, *, norm: float, seed: int)
         m: Number of canaries.
         spec: The site's model spec (image size, hidden size, classes).
         norm: Raw gradient norm of a Dirac canary (ignored for ``input``).
-        seed: Seeds the canaries' slots (Dirac) or images and labels (input).
+        seed: Seeds the images and labels of input canaries.
+        basis: Dirac canaries: (h, h) orthonormal head-input directions, most suitable
+            first (``public_feature_basis``); canary slots fill them in order, K−1 per
+            direction. ``None``: the coordinate axes.
 
     Raises:
         ValueError: On an unknown kind, more Dirac canaries than the head holds, or a
             norm too small to realise.
     """
-    g = torch.Generator().manual_seed(seed + 7919)
     side = spec.image_size
     if kind == "input":
+        g = torch.Generator().manual_seed(seed + 7919)
         x = torch.randn(m, 1, side, side, generator=g)
         y = torch.randint(0, spec.num_classes, (m,), generator=g)
         return Canaries("input", TensorDataset(x, y))
@@ -118,15 +152,26 @@ def make_canaries(kind: str, m: int, spec: ModelSpec, *, norm: float, seed: int)
         raise ValueError(f"{m} Dirac canaries do not fit: the head of this model "
                          f"(hidden_size={spec.hidden_size}, num_classes={spec.num_classes}) "
                          f"holds at most {cap} orthogonal ones; use --canaries 2..{cap}")
-    slots = torch.randperm(cap, generator=g)[:m]
-    columns, kinds = slots // (spec.num_classes - 1), slots % (spec.num_classes - 1) + 1
     if norm <= math.sqrt(2.0):
         raise ValueError(f"Dirac canary norm {norm} is too small; use a norm > 1.42 "
                          f"(the default is 100 × the clipping norm)")
+    slots = torch.arange(m)
+    columns, kinds = slots // (spec.num_classes - 1), slots % (spec.num_classes - 1) + 1
+    basis = torch.eye(spec.hidden_size) if basis is None else basis
     x = torch.zeros(m, 1, side, side)
     x[:, 0, 0, 0] = MARK
     x[:, 0, 0, 1] = torch.arange(m, dtype=torch.float32)
-    return Canaries("dirac", TensorDataset(x, kinds.clone()), columns, kinds, float(norm))
+    return Canaries("dirac", TensorDataset(x, kinds.clone()), columns, kinds, float(norm),
+                    basis[:, :int(columns.max()) + 1].clone())
+
+
+def _head_owner(model: nn.Module) -> nn.Module:
+    """The ``ViTClassifier`` inside a PEFT model (features, standardisation, head)."""
+    found = [mod for mod in model.modules() if isinstance(mod, ViTClassifier)]
+    if len(found) != 1:
+        raise ValueError("the model holds no single ViTClassifier; Dirac canaries need a "
+                         "model from fedimaging.backbones.build_model")
+    return found[0]
 
 
 def _head(model: nn.Module, suffix: str) -> nn.Module:
@@ -147,14 +192,16 @@ def dirac_hooks(model: nn.Module, canaries: Canaries) -> Iterator[None]:
     """Make marked rows of every batch produce the Dirac canaries' gradients.
 
     Hooks on the real model (removed on exit): the model's pre-hook finds the marked
-    rows; the head's pre-hook replaces their head input by ``a · e_j``; the head's
+    rows; the head's pre-hook replaces their head input by ``a · u_j``; the head's
     forward hook gives them the straight-through logits ``out − out.detach() + L0``,
     whose cross-entropy gradient is ``softmax(L0) − onehot(k) = ‖δ_k‖ v_k`` whatever
-    the model's state. The per-sample gradient on the head is then ``a ‖δ_k‖ e_j ⊗
-    v_k`` on the weight plus ``‖δ_k‖ v_k`` on the bias, of norm ``canaries.norm``.
+    the model's state. The per-sample gradient on the head is then ``a ‖δ_k‖ v_k ⊗
+    u_j`` on the weight plus ``‖δ_k‖ v_k`` on the bias, of norm ``canaries.norm``.
     """
-    if canaries.kind != "dirac" or canaries.columns is None or canaries.kinds is None:
+    if canaries.kind != "dirac" or canaries.columns is None or canaries.kinds is None \
+            or canaries.directions is None:
         raise ValueError("dirac_hooks needs Dirac canaries")
+    directions = canaries.directions
     head = _head(model, _HEAD)
     k_all = canaries.kinds
     delta_sq = 1.0 / k_all.double() + 1.0  # ‖softmax(L0) − onehot(k)‖²
@@ -171,8 +218,7 @@ def dirac_hooks(model: nn.Module, canaries: Canaries) -> Iterator[None]:
         z, mask, ids = args[0], state["mask"], state["ids"]
         if not bool(mask.any()):
             return args
-        zc = torch.zeros(len(ids), z.shape[1])
-        zc[torch.arange(len(ids)), canaries.columns[ids]] = scale[ids]
+        zc = directions[:, canaries.columns[ids]].T * scale[ids, None]  # (n_c, h)
         z = z.clone()
         z[mask] = zc.to(z.device, z.dtype)
         return (z, *args[1:])
@@ -199,7 +245,7 @@ def dirac_hooks(model: nn.Module, canaries: Canaries) -> Iterator[None]:
 
 def dirac_scores(w_before: torch.Tensor, w_after: torch.Tensor, canaries: Canaries
                  ) -> np.ndarray:
-    """Score of each Dirac canary: ``−⟨ΔW[:, j], v_k⟩`` (SGD moves against the gradient).
+    """Score of each Dirac canary: ``−v_kᵀ ΔW u_j`` (SGD moves against the gradient).
 
     Args:
         w_before: Head weight (K, h) before training; w_after: after.
@@ -209,10 +255,10 @@ def dirac_scores(w_before: torch.Tensor, w_after: torch.Tensor, canaries: Canari
         (m,) float64 scores; an included canary's score gets +lr·C per sampled step
         (correct clipping) on top of noise and the real data's projection.
     """
-    if canaries.columns is None or canaries.kinds is None:
+    if canaries.columns is None or canaries.kinds is None or canaries.directions is None:
         raise ValueError("dirac_scores needs Dirac canaries")
     basis = helmert(w_before.shape[0]).double()  # (K−1, K)
-    delta = (w_after - w_before).double()  # (K, h)
+    delta = (w_after - w_before).double() @ canaries.directions.double()  # (K, n)
     cols = delta[:, canaries.columns].T  # (m, K)
     v = basis[canaries.kinds - 1]  # (m, K)
     return (-(cols * v).sum(1)).numpy()

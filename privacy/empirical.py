@@ -74,7 +74,8 @@ class AuditConfig:
         partition_id: Which site of ``run``'s federation is audited; ``None``: the one a
             ``site.toml`` in ``site_dir`` names, else 0.
         canary: ``dirac`` (white-box gradient canaries) or ``input`` (noise images).
-        canaries: m; ``None``: every Dirac slot of the head (h·(K−1)) or 128 input ones.
+        canaries: m; ``None``: half the Dirac slots of the head (h·(K−1)/2, in the
+            directions public images use least) or 128 input ones.
         guesses: r, even, ≤ m; ``None``: about m/2 (the r/2 highest and r/2 lowest
             scores; abstaining on the middle avoids forced errors).
         canary_scale: Raw Dirac canary gradient norm in units of C (≥ 1.5; clipping
@@ -257,18 +258,25 @@ def run_audit(cfg: AuditConfig) -> AuditResult:
     run = site.run  # a deployed site's device is its own
     spec = site.model_spec()
     real, _ = site.datasets()
-    m = cfg.canaries or (cn.dirac_capacity(spec) if cfg.canary == "dirac" else _INPUT_CANARIES)
+    # Dirac default: the half of the head's slots that public images use least.
+    m = cfg.canaries or (cn.dirac_capacity(spec) // 2 if cfg.canary == "dirac"
+                         else _INPUT_CANARIES)
     r = cfg.guesses or max(2, m // 4 * 2)  # default: guess on half, abstain in between
     if r > m:
         raise ValueError(f"guesses ({r}) exceed canaries ({m}); use --guesses <= {m}")
-    canaries = cn.make_canaries(cfg.canary, m, spec, seed=run.seed,
-                                norm=cfg.canary_scale * run.max_grad_norm)
+    if cfg.canary == "dirac" and m > cn.dirac_capacity(spec):
+        raise ValueError(f"{m} Dirac canaries do not fit: the head of this model holds at "
+                         f"most {cn.dirac_capacity(spec)} orthogonal ones; use --canaries "
+                         f"2..{cn.dirac_capacity(spec)}")
     rng = np.random.default_rng([run.seed, 31337])
     included = rng.random(m) < 0.5  # each canary in with probability 1/2, independently
-    data = ConcatDataset([real, canaries.subset(torch.from_numpy(np.flatnonzero(included)))])
-    sigma = _site_sigma(cfg, len(data))
+    sigma = _site_sigma(cfg, len(real) + int(included.sum()))  # the site's guard, first
 
     model = build_model(spec)  # the initial global model the server sends
+    basis = cn.public_feature_basis(model, spec)[0] if cfg.canary == "dirac" else None
+    canaries = cn.make_canaries(cfg.canary, m, spec, seed=run.seed, basis=basis,
+                                norm=cfg.canary_scale * run.max_grad_norm)
+    data = ConcatDataset([real, canaries.subset(torch.from_numpy(np.flatnonzero(included)))])
     if freezes_lora_a(run.strategy):  # as the ClientApp does for FFA-LoRA
         for name, p in model.named_parameters():
             if ".lora_A." in name:
