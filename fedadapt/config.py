@@ -91,7 +91,7 @@ class RunConfig:
     proximal_mu: float = 0.01
     epsilon_cap: float = 12.0
     sites_dir: str = ""
-    backbone_weights: str = "random"
+    backbone_weights: str = "builtin"
     tensorboard: bool = False
     mlflow: bool = False
 
