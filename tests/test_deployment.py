@@ -135,6 +135,10 @@ def test_tls_run_of_three_sites_started_with_fedadapt_commands(tmp_path):
     """The README's commands end to end: certs, site folders, a TLS SuperLink with site
     authentication, three site SuperNodes, and one round launched with ``flwr run``."""
     import json
+    import math
+
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
     from fedadapt import cmd_certs, cmd_site
     from fedadapt.config import RunConfig
@@ -155,7 +159,8 @@ def test_tls_run_of_three_sites_started_with_fedadapt_commands(tmp_path):
     for i, s in enumerate(SITES):
         cli(cmd_site, ["site", "init", str(tmp_path / "sites" / s), "--name", s,
                        "--data", "synthetic", "--device", "cpu", "--partition-id", str(i),
-                       "--num-sites", str(len(SITES)), "--epsilon-cap", "50"])
+                       "--num-sites", str(len(SITES)), "--epsilon-cap", "50",
+                       "--delta", "1e-5"])  # the run config's δ, as simulated sites use
     port = _port()
     home.mkdir()
     (home / "config.toml").write_text(
@@ -223,16 +228,21 @@ def test_tls_run_of_three_sites_started_with_fedadapt_commands(tmp_path):
         _stop(procs)
     # Each site ran as itself (its own name from site.toml) ...
     assert sorted(summary["sites"]) == list(SITES)
-    # ... on the data simulated site `partition-id` of the same seed would have.
-    sim = default_sites(3, 48, 16, 0)
+    # ... on the data simulated site `partition-id` of the same seed would have, with the
+    # DP-SGD mechanism (σ, q = 1/⌈N/B⌉, steps) a simulation runs, hence the same ε.
+    sim, orders = default_sites(3, 48, 16, 0), RDPAccountant.DEFAULT_ALPHAS
     for i, s in enumerate(SITES):
-        info = summary["sites"][s]
+        info, t = summary["sites"][s], summary["rounds"][0]["train"][s]
         assert info["partition_id"] == i
         assert info["num_train"] == sim[i].train_size and info["rounds_trained"] == 1
-        assert info["epsilon"] > 0
-    # Each site's ledger, in its own folder, recorded exactly the one round it trained.
-    for s in SITES:
+        per_epoch = math.ceil(sim[i].train_size / 32)  # batch-size 32, local-epochs 1
+        assert (t["sample_rate"], t["steps"]) == (1 / per_epoch, per_epoch)
+        eps, _ = get_privacy_spent(orders=orders, delta=1e-5, rdp=compute_rdp(
+            q=1 / per_epoch, noise_multiplier=1.0, steps=per_epoch, orders=orders))
+        assert info["epsilon"] == pytest.approx(eps, rel=1e-9)
+        # The site's ledger, in its own folder, recorded exactly the round it trained.
         ledgers = list((tmp_path / "sites" / s / "ledger").glob("*.jsonl"))
         assert len(ledgers) == 1, s
         entries = [json.loads(line) for line in ledgers[0].read_text().splitlines()]
-        assert [e["round"] for e in entries] == [1]
+        assert [(e["round"], e["steps"]) for e in entries] == [(1, per_epoch)]
+        assert entries[0]["epsilon"] == pytest.approx(eps, rel=1e-9)
