@@ -6,7 +6,7 @@ gradients like any other record's:
 
 * ``dirac`` — white-box *gradient-space* canaries (Nasr et al., USENIX Security 2023,
   "Tight auditing of differentially private machine learning"; Steinke, Nasr &
-  Jagielski, NeurIPS 2023, §6). Canary c's per-sample gradient is a fixed vector
+  Jagielski, NeurIPS 2023, white-box setting). Canary c's per-sample gradient is a fixed vector
   ``g_c = norm · v_{k_c} ⊗ u_{j_c}`` on the trainable task head's weight (head-input
   direction ``u_{j_c}``, class-logit direction ``v_{k_c}``), plus a small shared bias
   term; the canaries' directions are mutually orthogonal, so at most
@@ -103,8 +103,10 @@ def public_feature_basis(model: nn.Module, spec: ModelSpec) -> tuple[torch.Tenso
     Eigen-decomposition of the second moment of the standardised head features of the
     *public* reference images (``public_reference_images``; no site data). The frozen
     encoder's features are nearly low-rank, so the real records' gradients on the head
-    hardly touch the last directions; Dirac canaries placed there are not drowned by the
-    site's own gradient.
+    hardly touch the first (least-used) directions; Dirac canaries placed there are not
+    drowned by the site's own gradient (for the default model, site records' second
+    moment along the first 48 directions is ~1e-3 to 4e-2, against ~0.4 to 1 along any
+    coordinate axis).
 
     Returns:
         ``(basis, variance)``: (h, h) eigenvectors as columns and their (h,) eigenvalues,
