@@ -133,7 +133,8 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 @pytest.mark.heavy
 def test_tls_run_of_three_sites_started_with_fedadapt_commands(tmp_path):
     """The README's commands end to end: certs, site folders, a TLS SuperLink with site
-    authentication, three site SuperNodes, and one round launched with ``flwr run``."""
+    authentication, three site SuperNodes, and a one-round run launched with ``flwr run``;
+    then one site restarts and a second run composes with the budget it already spent."""
     import json
     import math
 
@@ -170,10 +171,11 @@ def test_tls_run_of_three_sites_started_with_fedadapt_commands(tmp_path):
                FLWR_HOME=str(home))
     procs: list[subprocess.Popen] = []
 
-    def start(args: list[str], log: str) -> None:
+    def start(args: list[str], log: str) -> subprocess.Popen:
         procs.append(subprocess.Popen(args, cwd=tmp_path, env=env,
                                       stdout=open(tmp_path / log, "w"),
                                       stderr=subprocess.STDOUT))
+        return procs[-1]
 
     def flwr(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=ROOT,
@@ -197,13 +199,18 @@ def test_tls_run_of_three_sites_started_with_fedadapt_commands(tmp_path):
                 time.sleep(1)
             assert "registered successfully" in reg.stdout, \
                 reg.stdout + (tmp_path / "superlink.log").read_text()
+        def start_site(s: str, log: str, isolation: str, node_port: int) -> subprocess.Popen:
+            return start([fedadapt, "site", "start", str(tmp_path / "sites" / s),
+                          "--superlink", f"127.0.0.1:{port}", "--root-certificates",
+                          str(certs / "ca.pem"), "--auth-key",
+                          str(certs / "sites" / s / "auth.key"), "--port", str(node_port),
+                          "--isolation", isolation], log)
+
+        nodes = {}
         for s in SITES:
             node_port = _port()
             isolation = "process" if s == "a" else "subprocess"
-            start([fedadapt, "site", "start", str(tmp_path / "sites" / s), "--superlink",
-                   f"127.0.0.1:{port}", "--root-certificates", str(certs / "ca.pem"),
-                   "--auth-key", str(certs / "sites" / s / "auth.key"), "--port",
-                   str(node_port), "--isolation", isolation], f"supernode-{s}.log")
+            nodes[s] = start_site(s, f"supernode-{s}.log", isolation, node_port)
             if isolation == "process":
                 start([str(BIN / "flower-superexec"), "--runtime-api-address",
                        f"127.0.0.1:{node_port}", "--insecure", "--superexec-auth-secret-file",
@@ -224,6 +231,20 @@ def test_tls_run_of_three_sites_started_with_fedadapt_commands(tmp_path):
         summaries = list(out.glob("*/summary.json"))
         assert len(summaries) == 1, run.stdout[-3000:] + logs
         summary = json.loads(summaries[0].read_text())
+
+        # Site c restarts (a new process, a new node id) and joins the next run with the
+        # budget it has already spent: its ledger, in its folder, keeps composing.
+        _stop([nodes["c"]])
+        for _ in range(60):
+            if flwr("supernode", "ls", "hospitals").stdout.count("online") == 2:
+                break
+            time.sleep(1)
+        start_site("c", "supernode-c-restarted.log", "subprocess", _port())
+        assert _wait_for(tmp_path / "supernode-c-restarted.log", "SuperNode ID:", 120), \
+            (tmp_path / "supernode-c-restarted.log").read_text()
+        run2 = flwr("run", ".", "hospitals", "--stream", "-c", overrides, timeout=600)
+        assert run2.returncode == 0 and len(list(out.glob("*/summary.json"))) == 2, \
+            run2.stdout[-3000:] + run2.stderr[-2000:]
     finally:
         _stop(procs)
     # Each site ran as itself (its own name from site.toml) ...
@@ -244,5 +265,10 @@ def test_tls_run_of_three_sites_started_with_fedadapt_commands(tmp_path):
         ledgers = list((tmp_path / "sites" / s / "ledger").glob("*.jsonl"))
         assert len(ledgers) == 1, s
         entries = [json.loads(line) for line in ledgers[0].read_text().splitlines()]
-        assert [(e["round"], e["steps"]) for e in entries] == [(1, per_epoch)]
+        assert [(e["round"], e["steps"]) for e in entries] == [(1, per_epoch)] * 2
         assert entries[0]["epsilon"] == pytest.approx(eps, rel=1e-9)
+        assert entries[0]["run_id"] != entries[1]["run_id"]
+        # two runs' rounds compose (c across its restart): ε of the two mechanisms
+        eps2, _ = get_privacy_spent(orders=orders, delta=1e-5, rdp=2 * compute_rdp(
+            q=1 / per_epoch, noise_multiplier=1.0, steps=per_epoch, orders=orders))
+        assert entries[1]["epsilon"] == pytest.approx(eps2, rel=1e-9) and eps2 > eps
