@@ -27,7 +27,6 @@ still computed from the configured σ:
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset
 
+from client.budget import planned_round
 from client.site import Site, site_from_context
 from client.train import resolve_device, train
 from fedadapt import keys
@@ -170,12 +170,11 @@ def _site_sigma(cfg: AuditConfig, n: int) -> float:
     run, policy = cfg.run, cfg.policy
     if policy is None:
         return run.noise_multiplier
-    batches = math.ceil(n / run.batch_size)  # Opacus: q = 1 / len(loader)
-    q, steps = 1.0 / batches, run.local_epochs * batches
+    q, steps = planned_round(n, batch_size=run.batch_size, epochs=run.local_epochs)
     sigma = run.noise_multiplier if run.dp else 0.0
-    target = getattr(policy, "target_epsilon_per_round", 0.0)  # newer policies only
-    if run.dp and target > 0:
-        sigma = max(sigma, noise_for_target(target, delta=policy.delta, sample_rate=q,
+    if run.dp and policy.target_epsilon_per_round > 0:  # as client.app.handle_train
+        sigma = max(sigma, noise_for_target(policy.target_epsilon_per_round,
+                                            delta=policy.delta, sample_rate=q,
                                             steps=steps, accountant=policy.accountant))
     history: list[Mechanism] = []
     for rnd in range(1, run.num_server_rounds + 1):

@@ -139,3 +139,15 @@ def test_site_policy_refusal_is_an_error(capsys: pytest.CaptureFixture[str],
     assert main(["audit", "--empirical", *TINY, "--site-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "would refuse round 1" in err and "below the site's floor 5.0" in err
+
+
+def test_site_policy_target_raises_sigma_as_the_client_app_does(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    write_policy(tmp_path / "policy.toml", SitePolicy(epsilon_cap=50.0, delta=1e-4,
+                                                      target_epsilon_per_round=0.5))
+    code, out = _audit(capsys, "--site-dir", str(tmp_path), "--canaries", "8",
+                       "--guesses", "4")
+    assert code == 0
+    sigma = out["config"]["noise_multiplier_used"]
+    assert sigma > 4.0  # the site's own σ for ε = 0.5 per round, above the run's 4.0
+    assert 0.48 < out["epsilon_claimed"] <= 0.5  # Opacus' σ search stops within 0.01
