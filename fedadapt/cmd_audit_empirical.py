@@ -55,8 +55,8 @@ def add_empirical_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--confidence", type=float,
                    help=f"confidence of the lower bound (default {_D.confidence})")
     g.add_argument("--broken", choices=BROKEN,
-                   help="emulate broken wiring to test the audit: noise-zero or no-clip "
-                   "(the claim still uses the configured sigma)")
+                   help="emulate broken wiring to test the audit: noise-zero, no-clip or "
+                   "fixed-batch (the claim still assumes the configured mechanism)")
 
 
 def parse_run_config(items: list[str] | None) -> dict[str, Any]:

@@ -23,17 +23,23 @@ still computed from the configured σ:
   exact 0 — it fails closed), i.e. no noise.
 * ``no-clip``: clipping is off: Opacus gets C' = 1e6 and σ' = σ·C/C', so the noise
   std σ'·C' equals the configured σ·C but no per-sample gradient is ever clipped.
+* ``fixed-batch``: shuffled fixed-size batches instead of Poisson sampling (Opacus
+  ``poisson_sampling=False``, swapped in for ``client.train.make_private`` during the
+  audit only), while the claim still assumes amplification by Poisson sampling.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader
 
 from client.budget import planned_round
 from client.site import Site, site_from_context
@@ -49,7 +55,7 @@ from privacy.guard import TrainRequest, check, noise_for_target
 from privacy.policy import SitePolicy, load_policy
 from strategies.factory import freezes_lora_a
 
-BROKEN = ("none", "noise-zero", "no-clip")
+BROKEN = ("none", "noise-zero", "no-clip", "fixed-batch")
 _NO_CLIP_NORM = 1e6
 _INPUT_CANARIES = 128  # default m for input-space canaries
 _SITE_TOML = "site.toml"  # a deployed site's own file (deploy.site_config.SITE_TOML)
@@ -81,7 +87,8 @@ class AuditConfig:
         canary_scale: Raw Dirac canary gradient norm in units of C (≥ 1.5; clipping
             must bring it down to C, so a missing clip shows).
         confidence: Confidence of the lower bounds.
-        broken: ``none`` | ``noise-zero`` | ``no-clip`` (see the module docstring).
+        broken: ``none`` | ``noise-zero`` | ``no-clip`` | ``fixed-batch`` (see the module
+            docstring).
         delta: δ of the claim (the policy's when a site folder is given).
         accountant: ``rdp`` | ``prv`` (the policy's when a site folder is given).
         site_dir: The site's folder (``policy.toml``, ``ledger/``, ``site.toml``), or ''.
@@ -190,6 +197,27 @@ def _site_sigma(cfg: AuditConfig, n: int) -> float:
     return sigma
 
 
+@contextmanager
+def _fixed_batches() -> Iterator[None]:
+    """Swap ``client.train``'s ``make_private`` for one without Poisson sampling."""
+    import client.train as site_train
+
+    real = site_train.make_private
+
+    def fixed(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *,
+              request: DPRequest, generator: torch.Generator):  # type: ignore[no-untyped-def]
+        return PrivacyEngine(accountant="rdp").make_private(
+            module=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=request.noise_multiplier, max_grad_norm=request.max_grad_norm,
+            poisson_sampling=False, noise_generator=generator)
+
+    site_train.make_private = fixed  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        site_train.make_private = real
+
+
 @dataclass(frozen=True)
 class AuditResult:
     """Outcome of one audit. ``epsilon_claimed`` is ``inf`` for non-private training.
@@ -289,7 +317,8 @@ def run_audit(cfg: AuditConfig) -> AuditResult:
     steps, q = 0, 0.0
     for rnd in range(1, run.num_server_rounds + 1):
         hooks = cn.dirac_hooks(model, canaries) if cfg.canary == "dirac" else nullcontext()
-        with hooks:  # same seed expression as client.app.handle_train
+        wiring = _fixed_batches() if cfg.broken == "fixed-batch" else nullcontext()
+        with hooks, wiring:  # same seed expression as client.app.handle_train
             res = train(model, data, epochs=run.local_epochs, lr=run.lr,
                         batch_size=run.batch_size, device=device,
                         seed=hash((run.seed, site.index, rnd)) % 2**31, dp=request,

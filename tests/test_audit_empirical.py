@@ -151,3 +151,23 @@ def test_site_policy_target_raises_sigma_as_the_client_app_does(
     sigma = out["config"]["noise_multiplier_used"]
     assert sigma > 4.0  # the site's own σ for ε = 0.5 per round, above the run's 4.0
     assert 0.48 < out["epsilon_claimed"] <= 0.5  # Opacus' σ search stops within 0.01
+
+
+@pytest.mark.filterwarnings("ignore:Secure RNG turned off", "ignore:Full backward hook")
+def test_fixed_batch_emulation_swaps_poisson_sampling_out_and_back() -> None:
+    """``--broken fixed-batch`` really trains on fixed-size batches, and only inside."""
+    import client.train as site_train
+    from client.train import train
+    from privacy.dp import DPRequest, make_private
+    from privacy.empirical import _fixed_batches
+
+    data = torch.utils.data.TensorDataset(torch.randn(40, 1, 16, 16), torch.randint(0, 3, (40,)))
+    sizes: list[int] = []
+    model = build_model(ModelSpec(image_size=16, backbone_weights="random"))
+    model.register_forward_pre_hook(lambda _m, a: sizes.append(len(a[0])))
+    with _fixed_batches():
+        res = train(model, data, epochs=2, lr=0.1, batch_size=16, device=torch.device("cpu"),
+                    seed=0, dp=DPRequest(1.0, 1.0))
+    assert sizes == [16, 16, 8, 16, 16, 8]  # Poisson sampling would vary the sizes
+    assert (res.steps, res.sample_rate) == (6, pytest.approx(1 / 3))
+    assert site_train.make_private is make_private
