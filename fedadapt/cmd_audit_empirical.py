@@ -45,8 +45,9 @@ def add_empirical_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--canary", choices=CANARY_TYPES,
                    help=f"canary type (default {_D.canary}: gradient-space Dirac canaries)")
     g.add_argument("--canaries", type=int, metavar="M",
-                   help="m, canaries each included with probability 1/2 (default: all "
-                   "h*(K-1) Dirac slots of the head, or 128 input canaries)")
+                   help="m, canaries each included with probability 1/2 (default: half "
+                   "of the head's h*(K-1) Dirac slots, the least-used ones; or 128 input "
+                   "canaries)")
     g.add_argument("--guesses", type=int, metavar="R",
                    help="r, even: guesses (half in, half out; default about m/2)")
     g.add_argument("--canary-scale", type=float,
