@@ -58,6 +58,11 @@ class RunConfig:
             (``policy.toml``, ``ledger/``); empty: fresh sites inside the run directory,
             so budgets start at zero each run. Point it at a kept folder to make spending
             compose across runs.
+        site_dp: Site-level DP at the server (DP-FedAvg): clip each site's adapter
+            update to ``site_clip_norm`` and add Gaussian noise to their mean; its
+            site-level ε is reported apart from the sites' record-level ε.
+        site_noise_multiplier: z of site-level DP (noise std z·S/k on the mean of k).
+        site_clip_norm: S, the L2 bound on each site's update under site-level DP.
         backbone_weights: Encoder weights of the frozen ViT: ``builtin`` (the shipped
             MAE-pretrained checkpoint, see ``fedadapt pretrain``), ``random`` (seeded random
             init) or a ``.safetensors``/``.pt``/``.pth`` path (absolute: sites run elsewhere).
@@ -91,6 +96,9 @@ class RunConfig:
     proximal_mu: float = 0.01
     epsilon_cap: float = 12.0
     sites_dir: str = ""
+    site_dp: bool = False
+    site_noise_multiplier: float = 1.0
+    site_clip_norm: float = 1.0
     backbone_weights: str = "builtin"
     tensorboard: bool = False
     mlflow: bool = False
@@ -123,6 +131,8 @@ class RunConfig:
         need(self.strategy in STRATEGIES, "strategy", f"one of {', '.join(STRATEGIES)}")
         need(self.proximal_mu >= 0, "proximal-mu", "a number >= 0")
         need(self.epsilon_cap > 0, "epsilon-cap", "a positive number")
+        need(self.site_noise_multiplier > 0, "site-noise-multiplier", "a positive number")
+        need(self.site_clip_norm > 0, "site-clip-norm", "a positive number")
         need(self.backbone_weights in ("builtin", "random") or self.backbone_weights.lower()
              .endswith((".safetensors", ".pt", ".pth")), "backbone-weights",
              "'builtin', 'random' or a .safetensors/.pt/.pth file path")

@@ -127,6 +127,33 @@ def public_reference_images(image_size: int, n: int = 256) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _builtin_weights() -> Path:
+    """The shipped checkpoint: next to this module, else in the installed distribution.
+
+    ``flwr run`` executes the app from its bundle (a FAB), which holds only source and
+    text files; the checkpoint is then found in the installed ``fedadapt`` package (a
+    regular install, or the source tree of an editable one).
+    """
+    if BUILTIN_WEIGHTS.is_file():
+        return BUILTIN_WEIGHTS
+    import importlib.metadata
+    import json
+    from urllib.parse import unquote, urlparse
+
+    rel = BUILTIN_WEIGHTS.relative_to(BUILTIN_WEIGHTS.parents[2])
+    try:
+        dist = importlib.metadata.distribution("fedadapt")
+    except importlib.metadata.PackageNotFoundError:
+        return BUILTIN_WEIGHTS
+    candidates = [Path(str(dist.locate_file(rel)))]
+    direct = dist.read_text("direct_url.json")
+    if direct:
+        url = json.loads(direct).get("url", "")
+        if url.startswith("file://"):
+            candidates.append(Path(unquote(urlparse(url).path)) / rel)
+    return next((c for c in candidates if c.is_file()), BUILTIN_WEIGHTS)
+
+
 def backbone_weights_path(choice: str) -> Path | None:
     """The checkpoint file of a ``backbone_weights`` choice; None for ``"random"``.
 
@@ -135,7 +162,7 @@ def backbone_weights_path(choice: str) -> Path | None:
     """
     if choice == "random":
         return None
-    path = BUILTIN_WEIGHTS if choice == "builtin" else Path(choice).expanduser()
+    path = _builtin_weights() if choice == "builtin" else Path(choice).expanduser()
     if not path.is_file():
         what = ("the shipped checkpoint is missing from the installed package; reinstall "
                 "fedadapt or recreate it with `fedadapt pretrain --out " + str(path) + "`"

@@ -119,7 +119,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                     "max_grad_norm": cfg.max_grad_norm,
                     "note": "each site accounts with its own policy's accountant and delta "
                             "(sites.*.accountant, sites.*.delta) in its own ledger",
-                    "refusals": [r for rl in log.rounds for r in rl.refusals]},
+                    "refusals": [r for rl in log.rounds for r in rl.refusals],
+                    "site_level": (strategy.site_level_report() if cfg.site_dp else None)},
         "stopped_early": stopped,
         "strategy": {"name": cfg.strategy,
                      "exact_residual": {str(k): v for k, v in

@@ -10,6 +10,7 @@ from fedadapt import keys
 from fedadapt.config import RunConfig
 from strategies.adapter import AdapterAggregation
 from strategies.names import STRATEGIES
+from strategies.site_dp import SiteLevelDP
 from strategies.validation import Validated
 
 # Strategies whose sites keep lora_A frozen at the shared seed and send only B (+ head).
@@ -49,4 +50,8 @@ def build_strategy(name: str, cfg: RunConfig, *, validate: bool = True) -> Strat
         inner = FedAdam(**common)
     else:
         inner = FedYogi(**common)
+    if cfg.site_dp:
+        inner = SiteLevelDP(inner, noise_multiplier=cfg.site_noise_multiplier,
+                            clip_norm=cfg.site_clip_norm, num_sites=cfg.num_sites,
+                            delta=cfg.delta, seed=cfg.seed)
     return Validated(inner) if validate else inner
