@@ -9,6 +9,7 @@ replies with adapter and head tensors only.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -27,10 +28,20 @@ from privacy.site_budget import open_site_budget
 
 def _site(context: Context, run_config: Mapping[str, Any] | None) -> Site:
     merged = {**context.run_config, **(run_config or {})}
-    return site_from_context(merged, context.node_config)
+    site = site_from_context(merged, context.node_config)
+    if site.site_dir is None and site.personalised_keys:
+        # A simulated site keeps its personal tensors in its own folder (policy, ledger).
+        site = dataclasses.replace(site, site_dir=site_dir(site.name, site.run,
+                                                          context.node_config))
+    return site
 
 
-def _model(site: Site, msg: Message):
+def _received(msg: Message) -> dict:
+    """The adapter tensors the server sent, as float32 torch tensors."""
+    return msg.content[keys.ARRAYS].to_torch_state_dict()
+
+
+def _model(site: Site, msg: Message, *, personal: bool = True):
     model = build_model(site.model_spec())
     req = msg.content.config_records.get(keys.CONFIG)
     if req is not None and bool(req.get(keys.FREEZE_LORA_A, False)):
@@ -39,7 +50,9 @@ def _model(site: Site, msg: Message):
         for name, p in model.named_parameters():
             if ".lora_A." in name:
                 p.requires_grad_(False)
-    load_trainable(model, msg.content[keys.ARRAYS].to_torch_state_dict())
+    received = _received(msg)
+    # FedPer / FedBN-style personalisation: the site's own tensors for its personal keys.
+    load_trainable(model, site.personalise(received) if personal else received)
     return model
 
 
@@ -101,6 +114,7 @@ def handle_train(msg: Message, context: Context,
         eps_total = budget.record(request, run_id=run_id, round=rnd)
         eps_round = epsilon([Mechanism(sigma, q, steps)], delta=policy.delta,
                             accountant=policy.accountant)
+    site.store_personal(trainable_state(model))  # kept at the site for the next round
     metrics = MetricRecord({
         keys.NUM_EXAMPLES: result.num_examples, keys.TRAIN_LOSS: result.loss,
         keys.EPSILON: eps_total, keys.EPSILON_ROUND: eps_round, keys.DELTA: policy.delta,
@@ -116,15 +130,25 @@ def handle_train(msg: Message, context: Context,
 
 def handle_evaluate(msg: Message, context: Context,
                     run_config: Mapping[str, Any] | None = None) -> Message:
-    """Evaluate the received global adapters on this site's held-out split."""
+    """Evaluate the received global adapters on this site's held-out split.
+
+    A site with personal keys also evaluates the global model with its own personal
+    tensors loaded (FedPer, Arivazhagan et al. 2019) and reports both scores.
+    """
     set_threads()
     site = _site(context, run_config)
-    model = _model(site, msg)
+    model = _model(site, msg, personal=False)
     _, test_set = site.datasets()
-    loss, acc = evaluate(model, test_set, batch_size=site.run.batch_size,
-                         device=resolve_device(site.run.device), amp=site.run.amp)
+    device = resolve_device(site.run.device)
+    loss, acc = evaluate(model, test_set, batch_size=site.run.batch_size, device=device,
+                         amp=site.run.amp)
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(test_set), keys.EVAL_LOSS: loss,
                             keys.EVAL_ACC: acc, keys.PARTITION_ID: site.index})
+    if site.personalised_keys:
+        model = _model(site, msg, personal=True)
+        p_loss, p_acc = evaluate(model, test_set, batch_size=site.run.batch_size,
+                                 device=device, amp=site.run.amp)
+        metrics[keys.EVAL_LOSS_PERSONAL], metrics[keys.EVAL_ACC_PERSONAL] = p_loss, p_acc
     content = RecordDict({keys.METRICS: metrics, keys.STATUS: ConfigRecord(
         {keys.SITE_ID: site.name, keys.STATE: keys.STATE_OK})})
     return Message(content=content, reply_to=msg)

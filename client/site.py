@@ -14,7 +14,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,6 +28,9 @@ from fedimaging.datalist import ImageSpec, load_split
 from fedimaging.medmnist import load_medmnist
 from fedimaging.synthetic import ScannerShift, SiteSpec, default_sites, make_site_data
 from simulations.scenario import Scenario, load_scenario, site_data
+
+if TYPE_CHECKING:
+    from continual.scenarios import ContinualScenario
 
 
 PERSONAL_DIR = "personal"  # <site-dir>/personal/<name>.safetensors
@@ -59,8 +62,11 @@ class Site:
 
     @property
     def personalised_keys(self) -> tuple[str, ...]:
-        """Tensor-name substrings this site keeps local (its ``site.toml``); () in simulation."""
-        return self.config.personalised_keys if self.config is not None else ()
+        """Tensor-name substrings this site keeps local: a deployed site's ``site.toml``,
+        a simulated site's run config ``personal-keys``."""
+        if self.config is not None:
+            return self.config.personalised_keys
+        return tuple(k.strip() for k in self.run.personal_keys.split(",") if k.strip())
 
     @property
     def personal_path(self) -> Path | None:
@@ -127,12 +133,29 @@ class Site:
         """The architecture every site and the server share."""
         return self.run.model_spec()
 
-    def datasets(self) -> tuple[TensorDataset, TensorDataset]:
+    def continual(self) -> ContinualScenario | None:
+        """The continual scenario the run follows, or None."""
+        if not self.run.is_continual:
+            return None
+        from continual.scenarios import ContinualScenario
+
+        return ContinualScenario(self.run.scenario, self.run.num_sites, self.run.phases,
+                                 self.run.rounds_per_phase)
+
+    def datasets(self, phase: int = 0) -> tuple[TensorDataset, TensorDataset]:
         """``(train, test)`` for this site: a deployed site's files (datalist or MedMNIST),
-        else from its scenario (files or generated), else generated locally and
-        deterministically."""
+        else from its scenario (files or generated), else, in a continual scenario, its
+        data in phase ``phase``'s domain, else generated locally and deterministically."""
         if self.config is not None and not self.config.synthetic:
             return self._files()
+        cl = self.continual()
+        if cl is not None:
+            from continual.scenarios import phase_site_data
+
+            return phase_site_data(self.spec, cl.site_domain(self.index, phase),
+                                   image_size=self.run.image_size,
+                                   num_classes=self.run.num_classes, seed=self.run.seed,
+                                   site_index=self.index, phase=phase)
         if self.scenario is not None:
             return site_data(self.scenario, self.index)
         return make_site_data(self.spec, image_size=self.run.image_size,
@@ -183,7 +206,7 @@ def _simulated_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> Site:
     if not 0 <= index < num_sites:
         raise ValueError(f"partition-id {index} is outside 0..{num_sites - 1} "
                          f"(the federation has {num_sites} sites)")
-    if cfg.scenario:
+    if cfg.scenario and not cfg.is_continual:
         sc = load_scenario(cfg.scenario)
         if len(sc.sites) != num_sites:
             raise ValueError(f"scenario {cfg.scenario!r} has {len(sc.sites)} sites but the "

@@ -11,12 +11,14 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Mapping
 
-from strategies.names import STRATEGIES
+from strategies.names import STRATEGIES, WIRE_DTYPES
 
 if TYPE_CHECKING:
     from fedimaging.backbones import ModelSpec
 
 DEVICES = ("auto", "cpu", "cuda")
+CONTINUAL_METHODS = ("naive", "ewc", "lwf", "replay", "olora")
+CONTINUAL_SCENARIOS = ("site-incremental", "domain-incremental")
 
 
 class ConfigError(ValueError):
@@ -52,12 +54,25 @@ class RunConfig:
         strategy: Aggregation strategy (``strategies/``): fedavg, ffa-lora,
             exact, median, trimmed-mean, fedprox, fedadam, fedyogi.
         proximal_mu: FedProx proximal weight μ (used by ``fedprox``).
+        personal_keys: Comma-separated tensor-name substrings each *simulated* site keeps
+            local (FedPer / FedBN-style personalisation, e.g. ``head`` or ``norm``); empty
+            for none. A deployed site sets its own in ``site.toml``.
+        wire_dtype: dtype of adapter tensors on the wire in both directions
+            (``float32``, ``bfloat16`` or ``float16``); aggregation is in float32.
         epsilon_cap: Record-level ε cap written into the policy of each *simulated* site
             that has none yet (a deployed site's cap is in its own ``policy.toml``).
         sites_dir: Folder of simulated sites' own folders ``<sites-dir>/<site>/``
             (``policy.toml``, ``ledger/``); empty: fresh sites inside the run directory,
             so budgets start at zero each run. Point it at a kept folder to make spending
             compose across runs.
+        continual: Continual-learning method when ``scenario`` is a continual scenario
+            (``site-incremental`` or ``domain-incremental``): naive, ewc, lwf, replay or
+            olora (``continual/``).
+        phases: Phases of a continual scenario; ``num-server-rounds`` is split evenly.
+        ewc_lambda: EWC strength λ (Kirkpatrick et al. 2017).
+        lwf_alpha: Weight of LwF's distillation loss (Li & Hoiem 2017).
+        olora_lambda: O-LoRA orthogonality weight (Wang et al. 2023).
+        replay_size: Capacity of a site's local replay buffer (records).
         site_dp: Site-level DP at the server (DP-FedAvg): clip each site's adapter
             update to ``site_clip_norm`` and add Gaussian noise to their mean; its
             site-level ε is reported apart from the sites' record-level ε.
@@ -70,6 +85,10 @@ class RunConfig:
             in ``<run dir>/tensorboard/`` (``server.tracking``; needs ``tensorboard``).
         mlflow: Log the same to MLflow's local file store ``<out_dir>/mlruns``
             (``server.tracking``; needs ``mlflow`` or ``mlflow-skinny``).
+        min_train_sites: Fewest successful train replies a round needs; a round with fewer
+            is recorded as failed, the global adapter is left as it was and the run goes on.
+        resume_from: A run directory whose ``checkpoint.pt`` (``server.checkpoint``) the
+            server continues from, after its last completed round; empty for a fresh run.
     """
 
     num_server_rounds: int = 5
@@ -94,14 +113,24 @@ class RunConfig:
     scenario: str = ""
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
+    personal_keys: str = ""
+    wire_dtype: str = "float32"
     epsilon_cap: float = 12.0
     sites_dir: str = ""
+    continual: str = "naive"
+    phases: int = 3
+    ewc_lambda: float = 50.0
+    lwf_alpha: float = 1.0
+    olora_lambda: float = 1.0
+    replay_size: int = 64
     site_dp: bool = False
     site_noise_multiplier: float = 1.0
     site_clip_norm: float = 1.0
     backbone_weights: str = "builtin"
     tensorboard: bool = False
     mlflow: bool = False
+    min_train_sites: int = 1
+    resume_from: str = ""
 
     def __post_init__(self) -> None:
         errors = []
@@ -130,9 +159,31 @@ class RunConfig:
         need(bool(self.out_dir), "out-dir", "a folder path")
         need(self.strategy in STRATEGIES, "strategy", f"one of {', '.join(STRATEGIES)}")
         need(self.proximal_mu >= 0, "proximal-mu", "a number >= 0")
+        need(all(k.strip() for k in self.personal_keys.split(",")) or not self.personal_keys,
+             "personal-keys", "comma-separated non-empty tensor-name substrings, or empty")
+        need(self.wire_dtype in WIRE_DTYPES, "wire-dtype", f"one of {', '.join(WIRE_DTYPES)}")
         need(self.epsilon_cap > 0, "epsilon-cap", "a positive number")
+        need(self.continual in CONTINUAL_METHODS, "continual",
+             f"one of {', '.join(CONTINUAL_METHODS)}")
+        need(self.phases >= 2, "phases", "an integer >= 2")
+        need(self.ewc_lambda >= 0, "ewc-lambda", "a number >= 0")
+        need(self.lwf_alpha >= 0, "lwf-alpha", "a number >= 0")
+        need(self.olora_lambda >= 0, "olora-lambda", "a number >= 0")
+        need(self.replay_size >= 1, "replay-size", "an integer >= 1")
+        if self.scenario in CONTINUAL_SCENARIOS:
+            if self.num_server_rounds % self.phases:
+                errors.append(f"'num-server-rounds' ({self.num_server_rounds}) must be a multiple "
+                              f"of 'phases' ({self.phases}) in a continual scenario")
+            if self.scenario == "site-incremental" and self.num_sites < self.phases:
+                errors.append(f"site-incremental needs 'num-sites' >= 'phases' (one new site "
+                              f"per phase), got {self.num_sites} < {self.phases}")
+            if self.scenario == "site-incremental" and self.continual in ("ewc", "replay"):
+                errors.append(f"'continual' {self.continual!r} needs sites that keep training "
+                              f"across phases (domain-incremental): in site-incremental the new "
+                              f"sites of a phase hold no earlier data; use lwf or olora")
         need(self.site_noise_multiplier > 0, "site-noise-multiplier", "a positive number")
         need(self.site_clip_norm > 0, "site-clip-norm", "a positive number")
+        need(self.min_train_sites >= 1, "min-train-sites", "an integer >= 1")
         need(self.backbone_weights in ("builtin", "random") or self.backbone_weights.lower()
              .endswith((".safetensors", ".pt", ".pth")), "backbone-weights",
              "'builtin', 'random' or a .safetensors/.pt/.pth file path")
@@ -169,6 +220,19 @@ class RunConfig:
     def to_mapping(self) -> dict[str, Any]:
         """The inverse of :meth:`from_mapping` (kebab-case keys, plain values)."""
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def is_continual(self) -> bool:
+        """Whether ``scenario`` is a continual scenario (phases of rounds)."""
+        return self.scenario in CONTINUAL_SCENARIOS
+
+    @property
+    def rounds_per_phase(self) -> int:
+        return self.num_server_rounds // self.phases if self.is_continual else self.num_server_rounds
+
+    def phase_of_round(self, server_round: int) -> int:
+        """0-based phase of a 1-based round (always 0 outside continual scenarios)."""
+        return (server_round - 1) // self.rounds_per_phase if self.is_continual else 0
 
     def model_spec(self) -> "ModelSpec":
         """The architecture every site and the server build from this config."""

@@ -29,6 +29,10 @@ NUM_EXAMPLES: Final = "num-examples"  # Flower's default weighting key
 TRAIN_LOSS: Final = "train-loss"
 EVAL_LOSS: Final = "eval-loss"
 EVAL_ACC: Final = "eval-acc"
+# Per-site evaluation with the site's personal tensors (``personal-keys``) loaded over
+# the global ones; EVAL_LOSS / EVAL_ACC are the global model's as received.
+EVAL_LOSS_PERSONAL: Final = "eval-loss-personal"
+EVAL_ACC_PERSONAL: Final = "eval-acc-personal"
 EPSILON: Final = "epsilon"  # record-level ε spent by the site so far (all rounds)
 EPSILON_ROUND: Final = "epsilon-round"  # record-level ε of this round alone
 DELTA: Final = "delta"

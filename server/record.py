@@ -35,9 +35,17 @@ class RoundLog:
             return None
         return sum(m["accuracy"] * m["num_examples"] for m in self.evaluate.values()) / n
 
+    def accuracy_personal(self) -> float | None:
+        """As :meth:`accuracy`, with each site's personal tensors (None if none has them)."""
+        ms = [m for m in self.evaluate.values() if "accuracy_personal" in m]
+        n = sum(m["num_examples"] for m in ms)
+        if not n:
+            return None
+        return sum(m["accuracy_personal"] * m["num_examples"] for m in ms) / n
+
     def to_json(self) -> dict[str, Any]:
         return {"round": self.round, "train": self.train, "evaluate": self.evaluate,
-                "accuracy": self.accuracy(),
+                "accuracy": self.accuracy(), "accuracy_personal": self.accuracy_personal(),
                 "bytes": {"down": self.bytes_down, "up": self.bytes_up,
                           "total": self.bytes_down + self.bytes_up},
                 "refusals": self.refusals, "failures": self.failures,
@@ -113,6 +121,10 @@ class RunLog:
                               "num_examples": int(m[keys.NUM_EXAMPLES])}
         info = self.sites.setdefault(site, {"partition_id": int(m[keys.PARTITION_ID])})
         info.update(num_test=int(m[keys.NUM_EXAMPLES]), final_accuracy=float(m[keys.EVAL_ACC]))
+        if keys.EVAL_ACC_PERSONAL in m:  # the site's personal tensors over the global model
+            log.evaluate[site].update(loss_personal=float(m[keys.EVAL_LOSS_PERSONAL]),
+                                      accuracy_personal=float(m[keys.EVAL_ACC_PERSONAL]))
+            info["final_accuracy_personal"] = float(m[keys.EVAL_ACC_PERSONAL])
 
     def failed(self, log: RoundLog, reply: Message, stage: str) -> None:
         err = reply.error if reply.has_error() else None

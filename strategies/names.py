@@ -2,3 +2,6 @@
 
 STRATEGIES = ("fedavg", "ffa-lora", "exact", "median", "trimmed-mean", "fedprox", "fedadam",
               "fedyogi")
+
+# dtypes adapter tensors may travel in (``RunConfig.wire_dtype``, :mod:`strategies.wire`).
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
