@@ -24,6 +24,7 @@ from privacy.accounting import Mechanism, epsilon
 from privacy.dp import DPRequest
 from privacy.guard import Decision, TrainRequest, is_budget_refusal, noise_for_target
 from privacy.site_budget import open_site_budget
+from strategies import wire
 
 
 def _site(context: Context, run_config: Mapping[str, Any] | None) -> Site:
@@ -37,8 +38,9 @@ def _site(context: Context, run_config: Mapping[str, Any] | None) -> Site:
 
 
 def _received(msg: Message) -> dict:
-    """The adapter tensors the server sent, as float32 torch tensors."""
-    return msg.content[keys.ARRAYS].to_torch_state_dict()
+    """The adapter tensors the server sent, as float32 torch tensors (16-bit transport
+    decoded, :mod:`strategies.wire`)."""
+    return wire.decode(msg.content[keys.ARRAYS])
 
 
 def _model(site: Site, msg: Message, *, personal: bool = True):
@@ -122,7 +124,9 @@ def handle_train(msg: Message, context: Context,
         keys.STEPS: result.steps, keys.SAMPLE_RATE: result.sample_rate,
         keys.PARTITION_ID: site.index})
     content = RecordDict({
-        keys.ARRAYS: ArrayRecord(trainable_state(model)), keys.METRICS: metrics,
+        keys.ARRAYS: wire.encode(trainable_state(model),
+                                 str(req.get(keys.WIRE_DTYPE, "float32"))),
+        keys.METRICS: metrics,
         keys.STATUS: ConfigRecord({keys.SITE_ID: site.name, keys.STATE: keys.STATE_OK,
                                    keys.ACCOUNTANT: policy.accountant})})
     return Message(content=content, reply_to=msg)

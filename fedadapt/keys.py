@@ -23,6 +23,7 @@ MAX_GRAD_NORM: Final = "max-grad-norm"
 RUN_ID: Final = "run-id"
 FREEZE_LORA_A: Final = "freeze-lora-a"  # FFA-LoRA: sites keep lora_A at the shared seed
 PROXIMAL_MU: Final = "proximal-mu"  # FedProx μ (Flower's FedProx sets this key)
+WIRE_DTYPE: Final = "wire-dtype"  # dtype the site replies its tensors in (strategies.wire)
 
 # --- MetricRecord replied by a site ----------------------------------------------
 NUM_EXAMPLES: Final = "num-examples"  # Flower's default weighting key

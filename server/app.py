@@ -24,6 +24,7 @@ from server.report_hook import write_report
 from server.tracking import track_round
 from strategies.factory import build_strategy, freezes_lora_a
 from strategies.lora_math import LORA_A
+from strategies.wire import bytes_per_element, decode_reply, encode_messages
 
 ROUND_TIMEOUT_S = 3600.0
 
@@ -61,7 +62,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     train_cfg = ConfigRecord({
         keys.LOCAL_EPOCHS: cfg.local_epochs, keys.LR: cfg.lr, keys.BATCH_SIZE: cfg.batch_size,
         keys.DP_ENABLED: cfg.dp, keys.NOISE_MULTIPLIER: cfg.noise_multiplier,
-        keys.MAX_GRAD_NORM: cfg.max_grad_norm, keys.FREEZE_LORA_A: frozen_a})
+        keys.MAX_GRAD_NORM: cfg.max_grad_norm, keys.FREEZE_LORA_A: frozen_a,
+        keys.WIRE_DTYPE: cfg.wire_dtype})
     log = RunLog()
     progress = Progress(cfg.num_server_rounds, dp=cfg.dp)
     spent_nodes: set[int] = set()  # sites that refused because their budget is spent
@@ -72,6 +74,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         # Sites whose budget is spent are not asked again in this run.
         messages = [m for m in strategy.configure_train(rnd, arrays, train_cfg, grid)
                     if m.metadata.dst_node_id not in spent_nodes]
+        messages = encode_messages(messages, cfg.wire_dtype)  # 16-bit transport, if asked
         if not messages:
             stopped = f"every site's privacy budget was spent before round {rnd}"
             log.rounds.pop()
@@ -82,8 +85,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         for reply in replies:
             state = _state(reply)
             if state == keys.STATE_OK:
-                log.trained(rlog, reply)
-                good.append(reply)
+                log.trained(rlog, reply)  # counts the bytes as they came
+                good.append(decode_reply(reply))  # float32 for validation and aggregation
             elif state == keys.STATE_REFUSED:
                 if log.refused(rlog, reply):
                     spent_nodes.add(reply.metadata.src_node_id)
@@ -94,7 +97,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         if new_arrays is not None:
             arrays = new_arrays
         eval_cfg = ConfigRecord({keys.SERVER_ROUND: rnd, keys.FREEZE_LORA_A: frozen_a})
-        messages = list(strategy.configure_evaluate(rnd, arrays, eval_cfg, grid))
+        messages = encode_messages(strategy.configure_evaluate(rnd, arrays, eval_cfg, grid),
+                                   cfg.wire_dtype)
         log.sent(rlog, messages)
         for reply in grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S):
             if _ok(reply):
@@ -129,8 +133,11 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         "rounds": [r.to_json() for r in log.rounds],
         "wire": {"tensor_names": sorted(log.wire_tensors),
                  "num_tensors": len(log.wire_tensors),
+                 "dtype": cfg.wire_dtype,
                  "bytes_per_direction_per_site": sum(
-                     a.numel() * a.element_size() for a in arrays.to_torch_state_dict().values())},
+                     a.numel() * (bytes_per_element(cfg.wire_dtype) if a.is_floating_point()
+                                  else a.element_size())
+                     for a in arrays.to_torch_state_dict().values())},
         "adapter_dir": str(adapter.relative_to(run_dir)),
     }
     write_json_atomic(run_dir / "summary.json", summary)
