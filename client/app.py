@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.budget import dataset_fingerprint, planned_round, site_dir
+from client.continual import ContinualRound, dp_diagonal_fisher, end_round, plan
 from client.site import Site, set_threads, site_from_context
 from client.train import evaluate, resolve_device, train
 from fedadapt import keys
@@ -69,6 +71,50 @@ def _refusal(msg: Message, site: Site, decision: Decision, cap: float) -> Messag
                    reply_to=msg)
 
 
+class _Refused(Exception):
+    def __init__(self, decision: Decision, cap: float) -> None:
+        super().__init__(decision.reason)
+        self.decision, self.cap = decision, cap
+
+
+def _idle(msg: Message, site: Site) -> Message:
+    """Reply of a site that does not train in this phase (no tensors, no budget spent)."""
+    return Message(content=RecordDict({
+        keys.STATUS: ConfigRecord({keys.SITE_ID: site.name, keys.STATE: keys.STATE_IDLE}),
+        keys.METRICS: MetricRecord({keys.PARTITION_ID: site.index})}), reply_to=msg)
+
+
+def _teacher(site: Site, msg: Message, anchor: dict):
+    """LwF's frozen previous-phase model: the backbone with the anchor's tensors."""
+    teacher = _model(site, msg)
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            if name in anchor:
+                p.copy_(anchor[name])
+            p.requires_grad_(False)
+    return teacher.to(resolve_device(site.run.device)).eval()
+
+
+def _dp_fisher(site: Site, context: Context, model, phase: int, req, *, run_id: str,
+               rnd: int) -> dict:
+    """EWC's Fisher on the site's ``phase`` data, under DP and charged to that data's
+    ledger (guard first; a refusal refuses the round)."""
+    data, _ = site.datasets(phase)
+    budget = open_site_budget(site_dir(site.name, site.run, context.node_config), site.name,
+                              dataset_fingerprint(data), n_records=len(data))
+    sigma = float(req[keys.NOISE_MULTIPLIER]) if bool(req[keys.DP_ENABLED]) else 0.0
+    request = TrainRequest(sigma, float(req[keys.MAX_GRAD_NORM]), 1.0, 1)
+    decision = budget.decide(request, run_id=run_id)
+    if not decision.allowed:
+        raise _Refused(decision, budget.policy.epsilon_cap)
+    gen = torch.Generator().manual_seed(hash((site.run.seed, site.index, rnd, "fisher")) % 2**31)
+    fisher = dp_diagonal_fisher(model, data, clip_norm=request.clip_norm,
+                                noise_multiplier=sigma, generator=gen)
+    if sigma > 0:
+        budget.record(request, run_id=run_id, round=rnd)
+    return fisher
+
+
 def handle_train(msg: Message, context: Context,
                  run_config: Mapping[str, Any] | None = None) -> Message:
     """Train the received adapters on this site's data and reply with the update.
@@ -83,12 +129,29 @@ def handle_train(msg: Message, context: Context,
     req = msg.content[keys.CONFIG]
     rnd = int(req[keys.SERVER_ROUND])
     epochs, batch_size = int(req[keys.LOCAL_EPOCHS]), int(req[keys.BATCH_SIZE])
-    train_set, _ = site.datasets()
+    phase = int(req.get(keys.PHASE, 0))
+    cl = site.continual()
+    if cl is not None and site.index not in cl.active_sites(phase):
+        return _idle(msg, site)  # not this site's phase (site-incremental)
+    run_id = str(msg.metadata.run_id)
+    dp_on = bool(req[keys.DP_ENABLED])
+    clip = float(req[keys.MAX_GRAD_NORM])
+    train_set, _ = site.datasets(phase)
+    model = _model(site, msg)
+    hooks = ContinualRound(train_set)
+    if cl is not None:
+        try:
+            hooks = plan(site.run.continual, site, context, model, train_set, phase=phase,
+                         fisher=lambda: _dp_fisher(site, context, model, phase - 1, req,
+                                                   run_id=run_id, rnd=rnd),
+                         teacher=lambda anchor: _teacher(site, msg, anchor))
+        except _Refused as refused:
+            return _refusal(msg, site, refused.decision, refused.cap)
+        train_set = hooks.train_set
     n = len(train_set)
     budget = open_site_budget(site_dir(site.name, site.run, context.node_config), site.name,
                               dataset_fingerprint(train_set), n_records=n)
     policy = budget.policy
-    dp_on = bool(req[keys.DP_ENABLED])
     q, steps = planned_round(n, batch_size=batch_size, epochs=epochs)
     sigma = float(req[keys.NOISE_MULTIPLIER]) if dp_on else 0.0
     if dp_on and policy.target_epsilon_per_round > 0:
@@ -96,17 +159,18 @@ def handle_train(msg: Message, context: Context,
         sigma = max(sigma, noise_for_target(policy.target_epsilon_per_round,
                                             delta=policy.delta, sample_rate=q, steps=steps,
                                             accountant=policy.accountant))
-    request = TrainRequest(sigma, float(req[keys.MAX_GRAD_NORM]), q, steps)
-    run_id = str(msg.metadata.run_id)
+    request = TrainRequest(sigma, clip, q, steps)
     decision = budget.decide(request, run_id=run_id)
     if not decision.allowed:
         return _refusal(msg, site, decision, policy.epsilon_cap)
     dp = DPRequest(sigma, request.clip_norm) if dp_on else None
-    model = _model(site, msg)
     result = train(model, train_set, epochs=epochs, lr=float(req[keys.LR]),
                    batch_size=batch_size, device=resolve_device(site.run.device),
                    seed=hash((site.run.seed, site.index, rnd)) % 2**31, dp=dp, amp=site.run.amp,
-                   proximal_mu=float(req.get(keys.PROXIMAL_MU, 0.0)))
+                   proximal_mu=float(req.get(keys.PROXIMAL_MU, 0.0)),
+                   param_penalty=hooks.param_penalty, extra_loss=hooks.extra_loss)
+    if cl is not None:
+        end_round(context, phase=phase)
     eps_total = eps_round = 0.0
     if dp is not None:
         if (result.sample_rate, result.steps) != (q, steps):
@@ -142,12 +206,27 @@ def handle_evaluate(msg: Message, context: Context,
     set_threads()
     site = _site(context, run_config)
     model = _model(site, msg, personal=False)
-    _, test_set = site.datasets()
+    cl = site.continual()
+    req = msg.content.config_records.get(keys.CONFIG)
+    phase = int(req.get(keys.PHASE, 0)) if req is not None else 0
+    # Continual: every phase's test set this site holds (site-incremental: only the one
+    # of the phase it joins in), so the server can fill the accuracy matrix R.
+    own_phases = ([] if cl is None else list(range(cl.num_phases))
+                  if cl.name == "domain-incremental" else [cl.join_phase(site.index)])
+    if own_phases and phase not in own_phases:
+        phase = own_phases[0]
+    _, test_set = site.datasets(phase)
     device = resolve_device(site.run.device)
     loss, acc = evaluate(model, test_set, batch_size=site.run.batch_size, device=device,
                          amp=site.run.amp)
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(test_set), keys.EVAL_LOSS: loss,
                             keys.EVAL_ACC: acc, keys.PARTITION_ID: site.index})
+    for j in own_phases:
+        test_j = test_set if j == phase else site.datasets(j)[1]
+        acc_j = acc if j == phase else evaluate(model, test_j, batch_size=site.run.batch_size,
+                                                 device=device, amp=site.run.amp)[1]
+        metrics[keys.EVAL_ACC_PHASE.format(j)] = acc_j
+        metrics[keys.NUM_EXAMPLES_PHASE.format(j)] = len(test_j)
     if site.personalised_keys:
         model = _model(site, msg, personal=True)
         p_loss, p_acc = evaluate(model, test_set, batch_size=site.run.batch_size,

@@ -54,7 +54,9 @@ def _autocast(device: torch.device, amp: bool) -> torch.autocast:
 def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_size: int,
           device: torch.device, seed: int, dp: DPRequest | None = None,
           amp: bool = False, proximal_mu: float = 0.0,
-          param_penalty: Callable[[], torch.Tensor] | None = None) -> TrainResult:
+          param_penalty: Callable[[], torch.Tensor] | None = None,
+          extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+          ) -> TrainResult:
     """Train the trainable tensors of ``model`` on ``dataset`` in place.
 
     Args:
@@ -74,6 +76,9 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
         param_penalty: A continual-learning penalty on the trainable tensors only (EWC,
             O-LoRA; see ``continual.penalty``), applied the same way: a separate step
             ``w ← w − lr·∇penalty`` after each optimiser step, outside DP clipping/noise.
+        extra_loss: A per-example-mean loss term ``f(x, logits)`` added to the task loss
+            (e.g. LwF distillation); it is part of each example's gradient, so under
+            DP-SGD it is clipped and noised with it.
 
     Returns:
         The round's ``TrainResult``.
@@ -103,6 +108,8 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
             # Poisson sampling can draw an empty batch: it is still a step, and Opacus
             # still adds the noise; a zero loss gives it (0, ...)-shaped grad samples.
             loss = loss_fn(logits.float(), y) if len(y) else logits.float().sum() * 0.0
+            if extra_loss is not None and len(y):
+                loss = loss + extra_loss(x, logits.float())
             loss.backward()
             optimizer.step()
             if anchor:

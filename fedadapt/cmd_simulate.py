@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fedadapt.config import DEVICES, ConfigError, RunConfig
+from fedadapt.config import CONTINUAL_METHODS, CONTINUAL_SCENARIOS, DEVICES, ConfigError, RunConfig
 from strategies.names import STRATEGIES
 
 
@@ -64,8 +64,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scenario", default="", metavar="NAME_OR_PATH",
                    help="a classification scenario (simulations/scenarios/NAME.toml or a "
                    ".toml path); it sets the sites, image size, classes and seed")
+    p.add_argument("--continual", choices=CONTINUAL_METHODS, default=d.continual,
+                   help="continual-learning method for --scenario site-incremental or "
+                   f"domain-incremental (default {d.continual})")
+    p.add_argument("--phases", type=_positive_int, default=d.phases,
+                   help=f"phases of a continual scenario (default {d.phases}); without "
+                   "--rounds a continual run has 2 rounds per phase")
     p.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
                    help=f"aggregation strategy (default {d.strategy}; ffa-lora is exact under DP)")
+    p.add_argument("--min-train-sites", type=_positive_int, default=d.min_train_sites,
+                   help="fewest sites that must train for a round to update the global "
+                   f"adapter; a round with fewer is recorded as failed (default "
+                   f"{d.min_train_sites})")
+    p.add_argument("--resume", default="", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its checkpoint, with its stored run "
+                   "config and sites (only --rounds may be raised; other flags that differ "
+                   "from it are an error)")
     p.add_argument("--verbose", action="store_true", help="show Flower's own log")
     p.set_defaults(func=_simulate)
 
@@ -89,15 +103,52 @@ def _with_scenario(cfg: RunConfig, name_or_path: str) -> RunConfig:
                        num_classes=sc.num_classes, seed=sc.seed)
 
 
+def _resumed(flags: RunConfig, run_dir: str) -> RunConfig:
+    """The run config stored in ``run_dir``'s checkpoint, to continue that run.
+
+    Flags left at their defaults take the checkpoint's values; a flag set to another
+    value than the checkpoint's is an error, except ``--rounds``, which may be raised.
+    """
+    from server.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        ck = load_checkpoint(run_dir)
+    except CheckpointError as e:
+        raise ConfigError(f"--resume: {e}") from e
+    stored = {**ck.config, "resume-from": str(run_dir)}
+    given, default = flags.to_mapping(), RunConfig().to_mapping()
+    if given["num-server-rounds"] != default["num-server-rounds"]:
+        stored["num-server-rounds"] = given["num-server-rounds"]
+    clash = [f"{k}: given {given[k]!r}, checkpoint {stored.get(k)!r}" for k in sorted(given)
+             if k not in ("num-server-rounds", "resume-from") and given[k] != default[k]
+             and given[k] != stored.get(k)]
+    if clash:
+        raise ConfigError(f"--resume {run_dir}: flags differ from the run config in its "
+                          "checkpoint:\n  " + "\n  ".join(clash) +
+                          "\ndrop these flags; a resumed run keeps its run config")
+    try:
+        return RunConfig.from_mapping(stored)
+    except ConfigError as e:
+        raise ConfigError(f"--resume {run_dir}: the checkpoint's run config is invalid: {e}")
+
+
 def _simulate(args: argparse.Namespace) -> int:
     cfg = RunConfig(num_server_rounds=args.rounds, num_sites=args.sites, seed=args.seed,
                     out_dir=args.out, device=args.device, dp=not args.no_dp,
                     noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm,
                     local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size,
                     site_train_size=args.train_size, site_test_size=args.test_size,
-                    amp=not args.no_amp, strategy=args.strategy)
-    if args.scenario:
+                    amp=not args.no_amp, strategy=args.strategy,
+                    min_train_sites=args.min_train_sites)
+    if args.scenario in CONTINUAL_SCENARIOS:
+        rounds = (args.rounds if args.rounds != RunConfig().num_server_rounds
+                  else 2 * args.phases)
+        cfg = cfg.replace(scenario=args.scenario, continual=args.continual,
+                          phases=args.phases, num_server_rounds=rounds)
+    elif args.scenario:
         cfg = _with_scenario(cfg, args.scenario)
+    if args.resume:
+        cfg = _resumed(cfg, args.resume)
     if cfg.device == "cuda":
         import torch
 

@@ -21,6 +21,7 @@ DP_ENABLED: Final = "dp-enabled"
 NOISE_MULTIPLIER: Final = "noise-multiplier"
 MAX_GRAD_NORM: Final = "max-grad-norm"
 RUN_ID: Final = "run-id"
+PHASE: Final = "phase"  # continual scenarios: the 0-based phase of the round
 FREEZE_LORA_A: Final = "freeze-lora-a"  # FFA-LoRA: sites keep lora_A at the shared seed
 PROXIMAL_MU: Final = "proximal-mu"  # FedProx μ (Flower's FedProx sets this key)
 WIRE_DTYPE: Final = "wire-dtype"  # dtype the site replies its tensors in (strategies.wire)
@@ -40,12 +41,15 @@ DELTA: Final = "delta"
 STEPS: Final = "steps"
 SAMPLE_RATE: Final = "sample-rate"
 PARTITION_ID: Final = "partition-id"
+EVAL_ACC_PHASE: Final = "eval-acc-phase-{}"  # continual: accuracy on phase j's test set
+NUM_EXAMPLES_PHASE: Final = "num-examples-phase-{}"  # continual: its size
 
 # --- ConfigRecord `STATUS` replied by a site --------------------------------------
 SITE_ID: Final = "site-id"
 STATE: Final = "state"
 STATE_OK: Final = "ok"
 STATE_REFUSED: Final = "refused"
+STATE_IDLE: Final = "idle"  # not this site's phase (continual site-incremental)
 REASON: Final = "reason"
 ACCOUNTANT: Final = "accountant"  # the site's accountant (rdp or prv), from its policy
 EPSILON_SPENT: Final = "epsilon-spent"  # in a refusal: ε already spent (all runs)

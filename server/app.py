@@ -17,6 +17,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedadapt import keys
 from fedadapt.config import RunConfig
 from fedimaging.backbones import build_model, trainable_state
+from server.checkpoint import resume, save_checkpoint
+from server.continual import ContinualTracker
 from server.progress import Progress
 from server.record import RunLog
 from server.rundir import SCHEMA, new_run_dir, save_adapter, write_json_atomic
@@ -68,9 +70,21 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     progress = Progress(cfg.num_server_rounds, dp=cfg.dp)
     spent_nodes: set[int] = set()  # sites that refused because their budget is spent
     stopped = ""
-    for rnd in range(1, cfg.num_server_rounds + 1):
+    first = 1  # --resume / resume-from: continue after the checkpoint's last round
+    if cfg.resume_from:
+        arrays, first, _ = resume(cfg, strategy, log)
+    tracker = ContinualTracker(cfg) if cfg.is_continual else None
+    if tracker is not None and first == 1:  # baseline b of the initial model (FWT)
+        base_cfg = ConfigRecord({keys.SERVER_ROUND: 0, keys.FREEZE_LORA_A: frozen_a,
+                                 keys.PHASE: 0})
+        tracker.evaluated(0, [r for r in grid.send_and_receive(
+            encode_messages(strategy.configure_evaluate(1, arrays, base_cfg, grid),
+                            cfg.wire_dtype),
+            timeout=ROUND_TIMEOUT_S) if _ok(r)])
+    for rnd in range(first, cfg.num_server_rounds + 1):
         rlog = log.new_round(rnd)
         train_cfg[keys.SERVER_ROUND] = rnd
+        train_cfg[keys.PHASE] = cfg.phase_of_round(rnd)
         # Sites whose budget is spent are not asked again in this run.
         messages = [m for m in strategy.configure_train(rnd, arrays, train_cfg, grid)
                     if m.metadata.dst_node_id not in spent_nodes]
@@ -90,23 +104,36 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             elif state == keys.STATE_REFUSED:
                 if log.refused(rlog, reply):
                     spent_nodes.add(reply.metadata.src_node_id)
+            elif state == keys.STATE_IDLE:
+                pass  # continual site-incremental: not this site's phase
             else:
                 log.failed(rlog, reply, "train")
+        if len(good) < cfg.min_train_sites:  # the round fails; the global adapter stays
+            rlog.failures.append({"node_id": None, "stage": "round", "reason":
+                                  f"{len(good)} site(s) trained, fewer than min-train-sites="
+                                  f"{cfg.min_train_sites}; global adapter not updated"})
+            good = []
         new_arrays, _ = strategy.aggregate_train(rnd, good) if good else (None, None)
         rlog.rejected.extend(getattr(strategy, "rejected", {}).get(rnd, []))
         if new_arrays is not None:
             arrays = new_arrays
-        eval_cfg = ConfigRecord({keys.SERVER_ROUND: rnd, keys.FREEZE_LORA_A: frozen_a})
+        eval_cfg = ConfigRecord({keys.SERVER_ROUND: rnd, keys.FREEZE_LORA_A: frozen_a,
+                                 keys.PHASE: cfg.phase_of_round(rnd)})
         messages = encode_messages(strategy.configure_evaluate(rnd, arrays, eval_cfg, grid),
                                    cfg.wire_dtype)
         log.sent(rlog, messages)
+        evaluated = []
         for reply in grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S):
             if _ok(reply):
                 log.evaluated(rlog, reply)
+                evaluated.append(reply)
             else:
                 log.failed(rlog, reply, "evaluate")
+        if tracker is not None:
+            tracker.evaluated(rnd, evaluated)
         progress.round(rlog)
         track_round(cfg, run_dir, rlog)  # TensorBoard / MLflow, if the run config asks
+        save_checkpoint(run_dir, cfg, rnd, arrays, strategy, log, started=started)
     adapter = save_adapter(run_dir, cfg, ArrayRecord(
         {**kept_a, **arrays.to_torch_state_dict()}) if kept_a else arrays)
     summary = {
@@ -126,6 +153,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                     "refusals": [r for rl in log.rounds for r in rl.refusals],
                     "site_level": (strategy.site_level_report() if cfg.site_dp else None)},
         "stopped_early": stopped,
+        "continual": tracker.section(run_dir) if tracker is not None else None,
         "strategy": {"name": cfg.strategy,
                      "exact_residual": {str(k): v for k, v in
                                         getattr(strategy, "residuals", {}).items()}},
@@ -154,7 +182,8 @@ def build_server_app(run_config: Mapping[str, Any] | None = None,
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_mapping({**context.run_config, **(run_config or {})})
-        run_federation(grid, cfg, run_dir or new_run_dir(cfg.out_dir))
+        run_federation(grid, cfg, run_dir or (Path(cfg.resume_from) if cfg.resume_from
+                                              else new_run_dir(cfg.out_dir)))
 
     return server_app
 

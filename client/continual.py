@@ -1,0 +1,179 @@
+"""Continual learning at a site: what a site keeps between phases, and how it shapes a
+round's local training. The math is in ``continual/``; this is the glue.
+
+A site's continual state lives in Flower's ``context.state`` (per node, per run). At the
+first round of a new phase, the global adapter the site receives is the final model of
+the previous phase; it becomes the *anchor*:
+
+- ``ewc`` (Kirkpatrick et al., PNAS 2017): penalty λ/2 Σ F_i (θ_i − θ*_i)² towards the
+  anchor, with the diagonal Fisher F computed at the site on its previous phase's data
+  **under DP** (per-example clipping + Gaussian noise) and recorded in that dataset's
+  ledger, because the penalty shapes the update that leaves the site;
+- ``lwf`` (Li & Hoiem, TPAMI 2017): distillation from the anchor model on the current
+  data, added to the per-example loss (so it is inside DP-SGD's clipping);
+- ``replay``: a bounded reservoir of the previous phase's records, kept at the site and
+  trained on with the current data (Poisson sampling over the union, which has its own
+  ledger: a replayed record's ε is the sum over the ledgers of the datasets it is in);
+- ``olora`` (Wang et al., EMNLP Findings 2023): keeps each phase's final LoRA A and
+  penalises overlap Σ‖A_prev A_currᵀ‖² of the current A with them (data-free).
+
+EWC and O-LoRA penalties are applied outside DP clipping (``client.train``'s
+``param_penalty``): they depend only on the parameters, the anchor and the DP Fisher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from client.site import Site
+from continual.ewc import ewc_penalty, trainable_params
+from continual.lwf import distillation_loss
+from continual.olora import lora_a_params, orthogonality_penalty
+from continual.replay import ReservoirBuffer
+
+_PHASE = "cl-phase"  # ConfigRecord: the last phase this site trained in
+_ANCHOR = "cl-anchor"  # ArrayRecord: the global model at the start of the current phase
+_FISHER = "cl-fisher"  # ArrayRecord: DP diagonal Fisher of the previous phase (ewc)
+_PREV_A = "cl-prev-a-"  # ArrayRecord per finished phase: its final LoRA A (olora)
+_REPLAY = "cl-replay"  # ArrayRecord {"x", "y"}: the site's replay buffer
+
+
+def dp_diagonal_fisher(model: nn.Module, dataset: Dataset, *, clip_norm: float,
+                       noise_multiplier: float, generator: torch.Generator
+                       ) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher under the Gaussian mechanism.
+
+    Each example's gradient g of log p(y|x) is clipped to L2 norm C; the sum of g² has
+    L2 sensitivity ‖g²‖₂ ≤ ‖g‖₂² ≤ C² to adding or removing an example, so Gaussian
+    noise of std σ·C² makes the release (σ, q = 1, one step) DP. The noisy sum is
+    divided by N (taken as public) and clamped at 0.
+    """
+    params = trainable_params(model)
+    names = list(params)
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    was_training = model.training
+    model.eval()
+    n = 0
+    for k in range(len(dataset)):  # type: ignore[arg-type]
+        x, y = dataset[k]
+        logp = torch.log_softmax(model(x.unsqueeze(0)), dim=-1)[0, int(y)]
+        grads = torch.autograd.grad(logp, [params[m] for m in names], allow_unused=True)
+        grads = [torch.zeros_like(params[m]) if g is None else g for m, g in zip(names, grads)]
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+        scale = min(1.0, clip_norm / float(norm)) if float(norm) > 0 else 1.0
+        for m, g in zip(names, grads):
+            total[m] += (g.detach() * scale) ** 2
+        n += 1
+    model.train(was_training)
+    if n == 0:
+        raise ValueError("EWC Fisher needs at least one record; the site's data is empty")
+    std = noise_multiplier * clip_norm ** 2
+    return {m: ((t + torch.normal(0.0, std, size=t.shape, generator=generator)) / n).clamp_min(0)
+            for m, t in total.items()}
+
+
+@dataclass
+class ContinualRound:
+    """How a round's training is shaped by the site's continual method."""
+
+    train_set: Dataset
+    param_penalty: Callable[[], torch.Tensor] | None = None
+    extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+
+def _arrays(context: Context, key: str) -> dict[str, torch.Tensor] | None:
+    rec = context.state.array_records.get(key)
+    return None if rec is None else rec.to_torch_state_dict()
+
+
+def last_phase(context: Context) -> int:
+    rec = context.state.config_records.get(_PHASE)
+    return -1 if rec is None else int(rec["phase"])  # type: ignore[arg-type]
+
+
+def begin_phase(context: Context, model: nn.Module, *, phase: int) -> bool:
+    """At a site's first round of ``phase`` > 0: keep the received global model as the
+    anchor, and its LoRA A as an earlier phase's subspace. Returns True if it did."""
+    anchor_rec = context.state.config_records.get(_ANCHOR + "-phase")
+    if phase == 0 or (anchor_rec is not None and int(anchor_rec["phase"]) == phase):  # type: ignore[arg-type]
+        return False
+    anchor = {n: p.detach().clone() for n, p in trainable_params(model).items()}
+    context.state[_ANCHOR] = ArrayRecord(anchor)
+    context.state[_ANCHOR + "-phase"] = ConfigRecord({"phase": phase})
+    prev_a = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    context.state[f"{_PREV_A}{phase - 1}"] = ArrayRecord(prev_a)
+    return True
+
+
+def plan(method: str, site: Site, context: Context, model: nn.Module, train_set: Dataset, *,
+         phase: int, fisher: Callable[[], dict[str, torch.Tensor]] | None,
+         teacher: Callable[[dict[str, torch.Tensor]], nn.Module]) -> ContinualRound:
+    """The round's training set and loss/penalty hooks for ``method``.
+
+    Args:
+        method: naive, ewc, lwf, replay or olora.
+        site: The site.
+        context: Flower's per-node context (holds the continual state).
+        model: The model loaded with the received global adapter.
+        train_set: The site's current-phase training records.
+        phase: The current phase.
+        fisher: Computes the DP Fisher of the previous phase (ewc), charging the
+            site's ledger; called once per phase.
+        teacher: Builds a frozen model holding the given trainable tensors (lwf).
+    """
+    run = site.run
+    new_phase = begin_phase(context, model, phase=phase)
+    anchor = _arrays(context, _ANCHOR)
+    trained_before = last_phase(context) >= 0
+    if method == "naive" or anchor is None:
+        return ContinualRound(train_set)
+    if method == "ewc":
+        if new_phase and trained_before:
+            assert fisher is not None
+            context.state[_FISHER] = ArrayRecord(fisher())
+        f = _arrays(context, _FISHER)
+        if f is None:
+            return ContinualRound(train_set)
+        return ContinualRound(train_set, param_penalty=lambda: ewc_penalty(
+            model, f, anchor, run.ewc_lambda))
+    if method == "olora":
+        prev = [a for k in range(phase) if (a := _arrays(context, f"{_PREV_A}{k}"))]
+        return ContinualRound(train_set, param_penalty=lambda: run.olora_lambda *
+                              orthogonality_penalty(lora_a_params(model), prev))
+    if method == "lwf":
+        old = teacher(anchor)
+
+        def distill(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                old_logits = old(x).float()
+            return run.lwf_alpha * distillation_loss(logits, old_logits)
+
+        return ContinualRound(train_set, extra_loss=distill)
+    if method == "replay":
+        if new_phase and trained_before:
+            buf = ReservoirBuffer(run.replay_size, seed=run.seed + 1000 * site.index + phase)
+            kept = _arrays(context, _REPLAY)
+            if kept is not None:
+                buf.extend(kept["x"], kept["y"])
+            prev_train, _ = site.datasets(phase - 1)
+            buf.extend(*prev_train.tensors)  # type: ignore[attr-defined]
+            x, y = buf.tensors()
+            context.state[_REPLAY] = ArrayRecord({"x": x, "y": y})
+        kept = _arrays(context, _REPLAY)
+        if kept is None:
+            return ContinualRound(train_set)
+        cur_x, cur_y = train_set.tensors  # type: ignore[attr-defined]
+        return ContinualRound(TensorDataset(torch.cat([cur_x, kept["x"]]),
+                                            torch.cat([cur_y, kept["y"]])))
+    raise ValueError(f"unknown continual method {method!r}")
+
+
+def end_round(context: Context, *, phase: int) -> None:
+    """Remember the phase the site trained in."""
+    context.state[_PHASE] = ConfigRecord({"phase": phase})
