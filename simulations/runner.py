@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 from fedadapt import keys
 from fedadapt.config import RunConfig
@@ -28,19 +30,28 @@ def backend_config(cfg: RunConfig, *, gpu_fraction: float) -> dict:
                           "include_dashboard": False}}
 
 
-def simulate(cfg: RunConfig, *, gpu_fraction: float = 0.5, verbose: bool = False) -> Path:
+def simulate(cfg: RunConfig, *, gpu_fraction: float = 0.5, verbose: bool = False,
+             apps: Callable[[dict, Path], tuple[Any, Any]] | None = None) -> Path:
     """Run the federation described by ``cfg`` and return its run directory.
+
+    With ``cfg.resume_from`` set, the run continues in that run directory from its
+    checkpoint (``server.checkpoint``), with the checkpoint's sites folder, so the sites'
+    ledgers already hold the completed rounds.
 
     Args:
         cfg: The run config.
         gpu_fraction: Share of one GPU each site's ClientApp reserves when CUDA is used.
         verbose: Keep Flower's and Ray's INFO logs on the console.
+        apps: Test hook: ``(run config overrides, run dir) -> (ServerApp, ClientApp)``
+            in place of the real apps (``tests/test_faults.py`` kills a site or the server).
 
     Returns:
         The run directory, holding ``summary.json`` and ``adapter/``.
 
     Raises:
         RuntimeError: If the run ended without writing its summary.
+        server.checkpoint.CheckpointError: If ``cfg.resume_from`` has no valid checkpoint
+            of this run config (checked before anything starts or is written).
     """
     if not 0 < gpu_fraction <= 1:
         raise ValueError(f"gpu_fraction must be in (0, 1], got {gpu_fraction}")
@@ -53,7 +64,14 @@ def simulate(cfg: RunConfig, *, gpu_fraction: float = 0.5, verbose: bool = False
     from client.budget import provision_simulated_sites
     from client.site import site_from_context
 
-    run_dir = new_run_dir(cfg.out_dir)
+    if cfg.resume_from:
+        from server.checkpoint import check_config, load_checkpoint
+
+        run_dir = Path(cfg.resume_from)
+        check_config(load_checkpoint(run_dir), cfg, run_dir)
+    else:
+        run_dir = new_run_dir(cfg.out_dir)
+    started = time.time()
     # Each simulated hospital gets its own folder (policy.toml + ledger/): fresh inside
     # the run directory, or the kept `sites-dir` whose ledgers compose across runs.
     if not cfg.sites_dir:
@@ -68,10 +86,14 @@ def simulate(cfg: RunConfig, *, gpu_fraction: float = 0.5, verbose: bool = False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run_simulation(server_app=build_server_app(overrides, run_dir),
-                       client_app=build_client_app(overrides), num_supernodes=cfg.num_sites,
+        server_app, client_app = (apps(overrides, run_dir) if apps else
+                                  (build_server_app(overrides, run_dir),
+                                   build_client_app(overrides)))
+        run_simulation(server_app=server_app, client_app=client_app,
+                       num_supernodes=cfg.num_sites,
                        backend_config=backend_config(cfg, gpu_fraction=gpu_fraction))
-    if not (run_dir / "summary.json").exists():
+    summary = run_dir / "summary.json"
+    if not summary.exists() or summary.stat().st_mtime < started:
         raise RuntimeError(f"the simulation ended without writing {run_dir / 'summary.json'}; "
                            "rerun with --verbose to see Flower's log")
     return run_dir
