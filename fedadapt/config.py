@@ -59,6 +59,10 @@ class RunConfig:
             for none. A deployed site sets its own in ``site.toml``.
         wire_dtype: dtype of adapter tensors on the wire in both directions
             (``float32``, ``bfloat16`` or ``float16``); aggregation is in float32.
+        site_ranks: Heterogeneous LoRA ranks of the *simulated* sites, comma-separated,
+            one per site (e.g. ``8,4``), each ≤ ``lora_rank`` (the global rank on the
+            wire); empty: every site trains at ``lora_rank``. Not with ``ffa-lora``
+            (its A is a seeded matrix of the global rank).
         epsilon_cap: Record-level ε cap written into the policy of each *simulated* site
             that has none yet (a deployed site's cap is in its own ``policy.toml``).
         sites_dir: Folder of simulated sites' own folders ``<sites-dir>/<site>/``
@@ -115,6 +119,7 @@ class RunConfig:
     proximal_mu: float = 0.01
     personal_keys: str = ""
     wire_dtype: str = "float32"
+    site_ranks: str = ""
     epsilon_cap: float = 12.0
     sites_dir: str = ""
     continual: str = "naive"
@@ -162,6 +167,13 @@ class RunConfig:
         need(all(k.strip() for k in self.personal_keys.split(",")) or not self.personal_keys,
              "personal-keys", "comma-separated non-empty tensor-name substrings, or empty")
         need(self.wire_dtype in WIRE_DTYPES, "wire-dtype", f"one of {', '.join(WIRE_DTYPES)}")
+        if self.site_ranks:
+            ranks = [r.strip() for r in self.site_ranks.split(",")]
+            fits = all(r.isdigit() and 1 <= int(r) <= self.lora_rank for r in ranks)
+            need(len(ranks) == self.num_sites and fits, "site-ranks",
+                 f"{self.num_sites} comma-separated integers in 1..lora-rank={self.lora_rank}")
+            need(self.strategy != "ffa-lora", "site-ranks",
+                 "empty with strategy ffa-lora (its frozen A has the global rank; use exact)")
         need(self.epsilon_cap > 0, "epsilon-cap", "a positive number")
         need(self.continual in CONTINUAL_METHODS, "continual",
              f"one of {', '.join(CONTINUAL_METHODS)}")
@@ -241,6 +253,12 @@ class RunConfig:
         return ModelSpec(image_size=self.image_size, num_classes=self.num_classes,
                          lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, seed=self.seed,
                          backbone_weights=self.backbone_weights)
+
+    def rank_of_site(self, index: int) -> int:
+        """The LoRA rank simulated site ``index`` trains at (``site-ranks``, else global)."""
+        if not self.site_ranks:
+            return self.lora_rank
+        return int(self.site_ranks.split(",")[index])
 
     def replace(self, **changes: Any) -> "RunConfig":
         """A copy with some fields changed (validated again)."""
