@@ -27,6 +27,7 @@ from privacy.dp import DPRequest
 from privacy.guard import Decision, TrainRequest, is_budget_refusal, noise_for_target
 from privacy.site_budget import open_site_budget
 from strategies import wire
+from strategies.lora_math import change_rank
 
 
 def _site(context: Context, run_config: Mapping[str, Any] | None) -> Site:
@@ -45,6 +46,14 @@ def _received(msg: Message) -> dict:
     return wire.decode(msg.content[keys.ARRAYS])
 
 
+def _reply_state(site: Site, model) -> dict:
+    """The trained tensors at the global rank (zero-padded from the site's own: exact)."""
+    state = trainable_state(model)
+    if site.lora_rank != site.run.lora_rank:
+        state, _ = change_rank(state, site.run.lora_rank, site.lora_rank)
+    return state
+
+
 def _model(site: Site, msg: Message, *, personal: bool = True):
     model = build_model(site.model_spec())
     req = msg.content.config_records.get(keys.CONFIG)
@@ -55,6 +64,8 @@ def _model(site: Site, msg: Message, *, personal: bool = True):
             if ".lora_A." in name:
                 p.requires_grad_(False)
     received = _received(msg)
+    if site.lora_rank != site.run.lora_rank:  # heterogeneous ranks: at this site's own rank
+        received, _ = change_rank(received, site.lora_rank, site.run.lora_rank)
     # FedPer / FedBN-style personalisation: the site's own tensors for its personal keys.
     load_trainable(model, site.personalise(received) if personal else received)
     return model
@@ -188,7 +199,7 @@ def handle_train(msg: Message, context: Context,
         keys.STEPS: result.steps, keys.SAMPLE_RATE: result.sample_rate,
         keys.PARTITION_ID: site.index})
     content = RecordDict({
-        keys.ARRAYS: wire.encode(trainable_state(model),
+        keys.ARRAYS: wire.encode(_reply_state(site, model),
                                  str(req.get(keys.WIRE_DTYPE, "float32"))),
         keys.METRICS: metrics,
         keys.STATUS: ConfigRecord({keys.SITE_ID: site.name, keys.STATE: keys.STATE_OK,

@@ -129,9 +129,17 @@ class Site:
         os.replace(tmp, path)
         return path
 
+    @property
+    def lora_rank(self) -> int:
+        """The LoRA rank this site trains at: a simulated site's ``site-ranks`` entry,
+        else the run's (global) rank."""
+        if self.config is not None:
+            return self.run.lora_rank
+        return self.run.rank_of_site(self.index)
+
     def model_spec(self) -> ModelSpec:
-        """The architecture every site and the server share."""
-        return self.run.model_spec()
+        """The architecture every site and the server share, at this site's LoRA rank."""
+        return dataclasses.replace(self.run.model_spec(), lora_rank=self.lora_rank)
 
     def continual(self) -> ContinualScenario | None:
         """The continual scenario the run follows, or None."""

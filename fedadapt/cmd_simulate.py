@@ -64,6 +64,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scenario", default="", metavar="NAME_OR_PATH",
                    help="a classification scenario (simulations/scenarios/NAME.toml or a "
                    ".toml path); it sets the sites, image size, classes and seed")
+    p.add_argument("--epsilon-cap", type=_nonneg_float, default=d.epsilon_cap,
+                   help="epsilon cap written into the policy of each simulated site that has "
+                   f"none yet (default {d.epsilon_cap})")
+    p.add_argument("--sites-dir", default=d.sites_dir, metavar="DIR",
+                   help="kept folder of the simulated sites' policies and ledgers (spending "
+                   "composes across runs); default: fresh ones in the run directory")
+    p.add_argument("--site-dp", action="store_true",
+                   help="site-level DP at the server (DP-FedAvg clip + noise), reported apart")
+    p.add_argument("--site-noise-multiplier", type=_nonneg_float, default=d.site_noise_multiplier,
+                   help=f"site-level noise multiplier z (default {d.site_noise_multiplier})")
+    p.add_argument("--site-clip-norm", type=_nonneg_float, default=d.site_clip_norm,
+                   help=f"site-level clip norm S of each update (default {d.site_clip_norm})")
     p.add_argument("--continual", choices=CONTINUAL_METHODS, default=d.continual,
                    help="continual-learning method for --scenario site-incremental or "
                    f"domain-incremental (default {d.continual})")
@@ -139,7 +151,10 @@ def _simulate(args: argparse.Namespace) -> int:
                     local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size,
                     site_train_size=args.train_size, site_test_size=args.test_size,
                     amp=not args.no_amp, strategy=args.strategy,
-                    min_train_sites=args.min_train_sites)
+                    min_train_sites=args.min_train_sites, epsilon_cap=args.epsilon_cap,
+                    sites_dir=args.sites_dir, site_dp=args.site_dp,
+                    site_noise_multiplier=args.site_noise_multiplier,
+                    site_clip_norm=args.site_clip_norm)
     if args.scenario in CONTINUAL_SCENARIOS:
         rounds = (args.rounds if args.rounds != RunConfig().num_server_rounds
                   else 2 * args.phases)
