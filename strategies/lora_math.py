@@ -193,3 +193,28 @@ def to_rank(state: State, rank: int) -> tuple[dict[str, torch.Tensor], float]:
 def relative_error(approx: torch.Tensor, target: torch.Tensor) -> float:
     """``‖approx − target‖_F / ‖target‖_F``."""
     return float(torch.linalg.norm(approx - target) / torch.linalg.norm(target))
+
+
+def change_rank(state: State, rank: int, from_rank: int) -> tuple[dict[str, torch.Tensor], float]:
+    """Move an adapter from LoRA rank ``from_rank`` to ``rank``, keeping its update.
+
+    PEFT scales a rank-r module's update by ``α / r``, so the update ``(α/from_rank) B A``
+    is kept by ``B' A' = (rank / from_rank) B A``: zero-padding (exact) when ``rank ≥
+    from_rank``, truncated SVD (:func:`to_rank`; the relative residual is returned) when
+    it is smaller. This is how a site of a smaller rank (heterogeneous ranks, as in
+    FLoRA, Wang et al. NeurIPS 2024) gets the global adapter at its own rank, and sends
+    its own back at the global rank for exact product aggregation.
+
+    Returns:
+        The state at ``rank`` and the largest relative residual over modules (0 if exact).
+    """
+    if rank < 1 or from_rank < 1:
+        raise ValueError(f"LoRA ranks must be ≥ 1, got rank={rank}, from_rank={from_rank}")
+    if rank >= from_rank:
+        out, resid = pad_rank(state, rank), 0.0
+    else:
+        out, resid = to_rank(state, rank)
+    scale = rank / from_rank
+    if scale != 1.0:
+        out = {n: t * scale if LORA_B in n else t for n, t in out.items()}
+    return out, resid
