@@ -1,0 +1,77 @@
+"""A federation with Byzantine sites: one replies NaNs, one a 100× scaled update.
+
+The corruption is a test-only ClientApp (the real ``handle_train`` of the site, its reply
+then tampered with) passed to Flower's Simulation Engine through ``simulate(apps=...)``;
+nothing in the production apps knows about it. Update validation rejects both replies
+(non-finite values; norm > 10× the round's median) and records why in ``summary.json``;
+the trimmed mean of the rest keeps the federation learning.
+"""
+
+import json
+
+import pytest
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from client.app import handle_evaluate, handle_train
+from fedadapt import keys
+from fedadapt.config import RunConfig
+from server.app import build_server_app
+from simulations.runner import simulate
+from strategies import wire
+
+NAN_SITE, SCALED_SITE = 0, 1
+
+
+def _byzantine_client_app(overrides: dict) -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        reply = handle_train(msg, context, overrides)
+        pid = int(context.node_config[keys.NODE_PARTITION_ID])
+        if pid not in (NAN_SITE, SCALED_SITE) or keys.ARRAYS not in reply.content:
+            return reply
+        sent = wire.decode(msg.content[keys.ARRAYS])
+        state = wire.decode(reply.content[keys.ARRAYS])
+        if pid == NAN_SITE:
+            bad = {n: torch.full_like(t, float("nan")) for n, t in state.items()}
+        else:
+            bad = {n: sent[n] + 100.0 * (t - sent[n]) for n, t in state.items()}
+        reply.content[keys.ARRAYS] = wire.encode(bad, "float32")
+        return reply
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context, overrides)
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def byzantine_run(tmp_path_factory):
+    cfg = RunConfig(out_dir=str(tmp_path_factory.mktemp("byz")), num_sites=4,
+                    num_server_rounds=2, site_train_size=64, site_test_size=32, dp=False,
+                    local_epochs=1, strategy="trimmed-mean")
+    run_dir = simulate(cfg, apps=lambda overrides, rd: (build_server_app(overrides, rd),
+                                                         _byzantine_client_app(overrides)))
+    return cfg, json.loads((run_dir / "summary.json").read_text())
+
+
+def test_both_byzantine_sites_are_rejected_every_round(byzantine_run):
+    _, summary = byzantine_run
+    names = {v["partition_id"]: k for k, v in summary["sites"].items()}
+    for rnd in summary["rounds"]:
+        assert len(rnd["train"]) == 4 and rnd["failures"] == []
+        why = {r["site"]: r["reason"] for r in rnd["rejected"]}
+        assert set(why) == {names[NAN_SITE], names[SCALED_SITE]}, rnd["rejected"]
+        assert "non-finite" in why[names[NAN_SITE]]
+        assert "update norm" in why[names[SCALED_SITE]] and "median" in why[names[SCALED_SITE]]
+
+
+def test_federation_still_learns(byzantine_run):
+    cfg, summary = byzantine_run
+    accs = [r["accuracy"] for r in summary["rounds"]]
+    assert all(a is not None for a in accs)
+    assert accs[-1] > 1.0 / cfg.num_classes + 0.1, accs
