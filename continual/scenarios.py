@@ -39,7 +39,7 @@ class PhaseDomain:
 # strong bias field, blur). Phase 2: inverted contrast. Later phases cycle 1, 2.
 _PHASE_DOMAINS = (
     PhaseDomain(),
-    PhaseDomain(ScannerShift(intensity_scale=1.0, gamma=3.0, noise_std=0.1, blur_sigma=1.5, bias_coeff=0.6)),
+    PhaseDomain(ScannerShift(intensity_scale=1.0, gamma=2.0, noise_std=0.05, blur_sigma=1.0, bias_coeff=0.4)),
     PhaseDomain(invert=True),
 )
 

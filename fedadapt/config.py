@@ -69,6 +69,8 @@ class RunConfig:
             (``policy.toml``, ``ledger/``); empty: fresh sites inside the run directory,
             so budgets start at zero each run. Point it at a kept folder to make spending
             compose across runs.
+        cross_site_eval: After the last round, evaluate the global adapter and each
+            site's last local adapter on every site's test split (up to 16 sites).
         continual: Continual-learning method when ``scenario`` is a continual scenario
             (``site-incremental`` or ``domain-incremental``): naive, ewc, lwf, replay or
             olora (``continual/``).
@@ -122,6 +124,7 @@ class RunConfig:
     site_ranks: str = ""
     epsilon_cap: float = 12.0
     sites_dir: str = ""
+    cross_site_eval: bool = True
     continual: str = "naive"
     phases: int = 3
     ewc_lambda: float = 50.0

@@ -19,6 +19,7 @@ from fedadapt.config import RunConfig
 from fedimaging.backbones import build_model, trainable_state
 from server.checkpoint import resume, save_checkpoint
 from server.continual import ContinualTracker
+from server.cross_site import MAX_SITES, cross_site_eval
 from server.progress import Progress
 from server.record import RunLog
 from server.rundir import SCHEMA, new_run_dir, save_adapter, write_json_atomic
@@ -74,6 +75,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.resume_from:
         arrays, first, _ = resume(cfg, strategy, log)
     tracker = ContinualTracker(cfg) if cfg.is_continual else None
+    last_local: dict[str, ArrayRecord] = {}  # each site's last local model (cross-site eval)
     if tracker is not None and first == 1:  # baseline b of the initial model (FWT)
         base_cfg = ConfigRecord({keys.SERVER_ROUND: 0, keys.FREEZE_LORA_A: frozen_a,
                                  keys.PHASE: 0})
@@ -101,6 +103,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             if state == keys.STATE_OK:
                 log.trained(rlog, reply)  # counts the bytes as they came
                 good.append(decode_reply(reply))  # float32 for validation and aggregation
+                last_local[log.site_of(reply)] = ArrayRecord(
+                    good[-1].content[keys.ARRAYS].to_torch_state_dict())
             elif state == keys.STATE_REFUSED:
                 if log.refused(rlog, reply):
                     spent_nodes.add(reply.metadata.src_node_id)
@@ -134,6 +138,14 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         progress.round(rlog)
         track_round(cfg, run_dir, rlog)  # TensorBoard / MLflow, if the run config asks
         save_checkpoint(run_dir, cfg, rnd, arrays, strategy, log, started=started)
+    cross = None
+    if cfg.cross_site_eval and last_local and len(log.sites) <= MAX_SITES:
+        cross = cross_site_eval(
+            grid, strategy, cfg.num_server_rounds, arrays, last_local,
+            ConfigRecord({keys.SERVER_ROUND: cfg.num_server_rounds, keys.FREEZE_LORA_A: frozen_a,
+                          keys.PHASE: cfg.phase_of_round(cfg.num_server_rounds)}),
+            encode=lambda msgs: encode_messages(msgs, cfg.wire_dtype),
+            timeout=ROUND_TIMEOUT_S, ok=_ok)
     adapter = save_adapter(run_dir, cfg, ArrayRecord(
         {**kept_a, **arrays.to_torch_state_dict()}) if kept_a else arrays)
     summary = {
@@ -153,6 +165,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                     "refusals": [r for rl in log.rounds for r in rl.refusals],
                     "site_level": (strategy.site_level_report() if cfg.site_dp else None)},
         "stopped_early": stopped,
+        "cross_site": cross,
         "continual": tracker.section(run_dir) if tracker is not None else None,
         "strategy": {"name": cfg.strategy,
                      "exact_residual": {str(k): v for k, v in

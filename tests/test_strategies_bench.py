@@ -15,4 +15,8 @@ def test_quick_benchmark_prints_ratio(capsys):
     sizes = mod.payloads(mod.QUICK)
     assert sizes["ffa-lora"] < sizes["fedavg"] < sizes["full fine-tuning"]
     ratio = sizes["full fine-tuning"] / sizes["ffa-lora"]
-    assert lines[-1].endswith(f"{ratio:.1f}x") and ratio > 10
+    assert lines[-2].endswith(f"{ratio:.1f}x") and ratio > 10
+    # 16-bit transport: half the fp32 payload up to Flower's per-array NumPy headers.
+    bf16 = sizes["ffa-lora + bfloat16"]
+    assert 0.45 * sizes["ffa-lora"] < bf16 < 0.5 * sizes["ffa-lora"]
+    assert lines[-1].endswith(f"{sizes['full fine-tuning'] / bf16:.1f}x")
