@@ -13,13 +13,10 @@ from continual.ewc import diagonal_fisher
 from fedadapt import keys
 from fedadapt.config import ConfigError, RunConfig
 from server.continual import ContinualTracker, phase_scores
+from tests.flower_helpers import task_identity  # noqa: F401 (fixture)
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _tiny():

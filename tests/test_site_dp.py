@@ -13,23 +13,12 @@ from fedadapt import keys
 from fedadapt.config import RunConfig
 from strategies.factory import build_strategy
 from strategies.site_dp import SiteLevelDP, clip_update
+from tests.flower_helpers import FakeGrid, task_identity  # noqa: F401 (fixture)
 
 A, B = "m.qkv.lora_A.default.weight", "m.qkv.lora_B.default.weight"
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
-
-
-class FakeGrid:
-    def __init__(self, n):
-        self.n = n
-
-    def get_node_ids(self):
-        return list(range(1, self.n + 1))
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def test_clip_update_bounds_norm_and_keeps_direction():

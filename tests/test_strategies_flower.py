@@ -11,25 +11,13 @@ from fedadapt.config import RunConfig
 from strategies import lora_math as lm
 from strategies.factory import build_strategy
 from strategies.validation import Validated
+from tests.flower_helpers import FakeGrid, task_identity  # noqa: F401 (fixture)
 
 A, B = "m.qkv.lora_A.default.weight", "m.qkv.lora_B.default.weight"
 HEAD = "head.modules_to_save.default.weight"
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    """Flower stamps run/node/task ids on Messages; a ServerApp sets them, tests do here."""
-    from flwr.supercore.task_identity import TaskIdentity
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
-
-
-class FakeGrid:
-    def __init__(self, n):
-        self.n = n
-
-    def get_node_ids(self):
-        return list(range(1, self.n + 1))
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _state(g, r=4):
