@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedadapt import keys
 from privacy.accounting import Mechanism, epsilon
+from strategies.wrapper import StrategyWrapper
 
 
 def clip_update(update: dict[str, torch.Tensor], clip_norm: float) -> tuple[dict[str, torch.Tensor], float]:
@@ -40,7 +41,7 @@ def clip_update(update: dict[str, torch.Tensor], clip_norm: float) -> tuple[dict
     return {n: t * scale for n, t in update.items()}, norm
 
 
-class SiteLevelDP(Strategy):
+class SiteLevelDP(StrategyWrapper):
     """Wrap ``inner`` with DP-FedAvg clipping and noise on the adapter update.
 
     Args:
@@ -59,17 +60,13 @@ class SiteLevelDP(Strategy):
             raise ValueError(f"site-level noise multiplier must be > 0, got {noise_multiplier}")
         if not clip_norm > 0:
             raise ValueError(f"site-level clip norm must be > 0, got {clip_norm}")
-        self.inner, self.noise_multiplier, self.clip_norm = inner, noise_multiplier, clip_norm
+        super().__init__(inner)
+        self.noise_multiplier, self.clip_norm = noise_multiplier, clip_norm
         self.num_sites, self.delta = num_sites, delta
         self.history: list[Mechanism] = []
         self.norms: dict[int, dict[str, float]] = {}
         self._current: dict[str, torch.Tensor] = {}
         self._gen = torch.Generator().manual_seed(seed)
-
-    def __getattr__(self, name: str) -> Any:  # residuals, rejected, ... of the inner strategy
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
     @property
     def epsilon(self) -> float:
@@ -105,17 +102,6 @@ class SiteLevelDP(Strategy):
         self.history.append(Mechanism(self.noise_multiplier, k / self.num_sites, 1))
         self.norms[server_round] = norms
         return ArrayRecord(noised), metrics
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     def site_level_report(self) -> dict[str, Any]:
         """The site-level privacy block of ``summary.json``."""

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedadapt import keys
+from strategies.wrapper import StrategyWrapper
 
 
 def _site(reply: Message) -> str:
@@ -28,7 +29,7 @@ def _site(reply: Message) -> str:
         else f"node-{reply.metadata.src_node_id}"
 
 
-class Validated(Strategy):
+class Validated(StrategyWrapper):
     """Wrap ``inner`` so that malformed or outlying train replies are rejected.
 
     Args:
@@ -42,14 +43,10 @@ class Validated(Strategy):
                  arrayrecord_key: str = keys.ARRAYS) -> None:
         if not norm_factor > 1.0:
             raise ValueError(f"norm_factor={norm_factor} must be > 1")
-        self.inner, self.norm_factor, self.key = inner, norm_factor, arrayrecord_key
+        super().__init__(inner)
+        self.norm_factor, self.key = norm_factor, arrayrecord_key
         self._sent: dict[str, torch.Tensor] = {}
         self.rejected: dict[int, list[dict[str, Any]]] = {}
-
-    def __getattr__(self, name: str) -> Any:  # residuals, rule, ... of the inner strategy
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -106,14 +103,3 @@ class Validated(Strategy):
         if not keep:
             return None, None
         return self.inner.aggregate_train(server_round, [r for r, _ in keep])
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.inner.summary()
