@@ -222,3 +222,18 @@ def test_strategy_state_round_trips(tmp_path, name, site_dp):
     # A checkpoint of a fedavg run does not restore into this strategy.
     with pytest.raises(CheckpointError, match="resume with the run config"):
         restore_strategy(build_strategy("fedprox", RunConfig(**BASE)), raw["strategy"])
+
+
+def test_cli_resume_takes_the_stored_config_and_rejects_other_flags(crashed_and_resumed):
+    from fedadapt.cmd_simulate import _resumed
+    from fedadapt.config import ConfigError
+
+    run_dir = crashed_and_resumed[0]
+    ck = load_checkpoint(run_dir)
+    cfg = _resumed(RunConfig(), str(run_dir))
+    assert cfg.to_mapping() == {**ck.config, "resume-from": str(run_dir)}
+    assert _resumed(RunConfig(num_server_rounds=7), str(run_dir)).num_server_rounds == 7
+    with pytest.raises(ConfigError, match="lr: given 0.5, checkpoint 0.05"):
+        _resumed(RunConfig(lr=0.5), str(run_dir))
+    with pytest.raises(ConfigError, match="--resume: no checkpoint"):
+        _resumed(RunConfig(), str(run_dir / "missing"))
