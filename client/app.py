@@ -114,7 +114,7 @@ def _dp_fisher(site: Site, context: Context, model, phase: int, req, *, run_id: 
     budget = open_site_budget(site_dir(site.name, site.run, context.node_config), site.name,
                               dataset_fingerprint(data), n_records=len(data))
     sigma = float(req[keys.NOISE_MULTIPLIER]) if bool(req[keys.DP_ENABLED]) else 0.0
-    request = TrainRequest(sigma, float(req[keys.MAX_GRAD_NORM]), 1.0, 1)
+    request = TrainRequest(sigma, site.run.ewc_clip, 1.0, 1)
     decision = budget.decide(request, run_id=run_id)
     if not decision.allowed:
         raise _Refused(decision, budget.policy.epsilon_cap)

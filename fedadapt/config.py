@@ -75,7 +75,10 @@ class RunConfig:
             (``site-incremental`` or ``domain-incremental``): naive, ewc, lwf, replay or
             olora (``continual/``).
         phases: Phases of a continual scenario; ``num-server-rounds`` is split evenly.
-        ewc_lambda: EWC strength λ (Kirkpatrick et al. 2017).
+        ewc_lambda: EWC strength λ (Kirkpatrick et al. 2017); the empirical Fisher of
+            the small default model is ~1e-5 per coordinate, hence the large default.
+        ewc_clip: Per-example gradient clip C of the DP Fisher; its noise std on the
+            mean is σ·C²/N, so C is kept small for a usable signal-to-noise ratio.
         lwf_alpha: Weight of LwF's distillation loss (Li & Hoiem 2017).
         olora_lambda: O-LoRA orthogonality weight (Wang et al. 2023).
         replay_size: Capacity of a site's local replay buffer (records).
@@ -127,7 +130,8 @@ class RunConfig:
     cross_site_eval: bool = True
     continual: str = "naive"
     phases: int = 3
-    ewc_lambda: float = 50.0
+    ewc_lambda: float = 20000.0
+    ewc_clip: float = 0.05
     lwf_alpha: float = 1.0
     olora_lambda: float = 1.0
     replay_size: int = 64
@@ -182,6 +186,7 @@ class RunConfig:
              f"one of {', '.join(CONTINUAL_METHODS)}")
         need(self.phases >= 2, "phases", "an integer >= 2")
         need(self.ewc_lambda >= 0, "ewc-lambda", "a number >= 0")
+        need(self.ewc_clip > 0, "ewc-clip", "a positive number")
         need(self.lwf_alpha >= 0, "lwf-alpha", "a number >= 0")
         need(self.olora_lambda >= 0, "olora-lambda", "a number >= 0")
         need(self.replay_size >= 1, "replay-size", "an integer >= 1")

@@ -47,7 +47,6 @@ def _run(cfg, states, sent, rounds=1):
 
 
 def test_aggregate_is_uniform_mean_of_clipped_updates_plus_calibrated_noise():
-    g = torch.Generator().manual_seed(0)
     sent = {A: torch.zeros(4, 2000), B: torch.zeros(8, 4)}
     # site 0 moves far (norm 40), site 1 a little (norm 0.5)
     states = [{A: torch.full((4, 2000), 40.0 / math.sqrt(8000)), B: torch.zeros(8, 4)},
