@@ -72,9 +72,12 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     spent_nodes: set[int] = set()  # sites that refused because their budget is spent
     stopped = ""
     first = 1  # --resume / resume-from: continue after the checkpoint's last round
+    ck = None
     if cfg.resume_from:
-        arrays, first, _ = resume(cfg, strategy, log)
+        arrays, first, ck = resume(cfg, strategy, log)
     tracker = ContinualTracker(cfg) if cfg.is_continual else None
+    if tracker is not None and cfg.resume_from:
+        tracker.restore(ck.extra.get("continual", {}))
     last_local: dict[str, ArrayRecord] = {}  # each site's last local model (cross-site eval)
     if tracker is not None and first == 1:  # baseline b of the initial model (FWT)
         base_cfg = ConfigRecord({keys.SERVER_ROUND: 0, keys.FREEZE_LORA_A: frozen_a,
@@ -137,7 +140,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             tracker.evaluated(rnd, evaluated)
         progress.round(rlog)
         track_round(cfg, run_dir, rlog)  # TensorBoard / MLflow, if the run config asks
-        save_checkpoint(run_dir, cfg, rnd, arrays, strategy, log, started=started)
+        save_checkpoint(run_dir, cfg, rnd, arrays, strategy, log, started=started,
+                        extra={"continual": tracker.state()} if tracker is not None else None)
     cross = None
     if cfg.cross_site_eval and last_local and len(log.sites) <= MAX_SITES:
         cross = cross_site_eval(

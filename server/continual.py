@@ -44,6 +44,14 @@ class ContinualTracker:
         self.baseline: list[float | None] | None = None
         self.rows: list[list[float | None]] = []
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (so ``--resume`` continues R where it was)."""
+        return {"baseline": self.baseline, "rows": self.rows}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.baseline = state.get("baseline")
+        self.rows = [list(r) for r in state.get("rows", [])]
+
     def phase_ends(self, rnd: int) -> bool:
         return rnd % self.cfg.rounds_per_phase == 0
 
