@@ -74,14 +74,17 @@ def render(summary: dict[str, Any], plots: dict[str, Path]) -> str:
              f"{_fmt(summary.get('duration_s'))} s, {len(summary['rounds'])} round(s), "
              f"strategy {html.escape(str(summary.get('strategy', {}).get('name', '?')))}.</p>",
              f"<p>Final weighted accuracy: <b>{_fmt(last.get('accuracy'))}</b>. Privacy: "
-             f"{'DP-SGD' if priv.get('dp') else 'no DP'}, δ = {_fmt(priv.get('delta'))}, "
+             f"{'DP-SGD' if priv.get('dp') else 'no DP'}, "
              f"σ = {_fmt(priv.get('noise_multiplier'))}, accountant "
              f"{html.escape(str(priv.get('accountant', '?')))}.</p>"]
     sites = summary.get("sites", {})
     parts.append("<h2>Sites</h2>" + _table(
-        ["site", "train", "test", "final accuracy", "ε", "δ"],
+        ["site", "train", "test", "final accuracy", "ε spent", "ε cap", "ε remaining", "δ",
+         "rounds trained", "refused from round"],
         [[s, _fmt(i.get("num_train")), _fmt(i.get("num_test")), _fmt(i.get("final_accuracy")),
-          _fmt(i.get("epsilon")), _fmt(i.get("delta"))] for s, i in sorted(sites.items())]))
+          _fmt(i.get("epsilon")), _fmt(i.get("epsilon_cap")), _fmt(i.get("epsilon_remaining")),
+          _fmt(i.get("delta")), _fmt(i.get("rounds_trained")),
+          _fmt(i.get("refused_from_round"))] for s, i in sorted(sites.items())]))
     events = [(r["round"], kind, json.dumps(e)) for r in summary["rounds"]
               for kind in ("refusals", "failures", "rejected") for e in r.get(kind, [])]
     if events:
