@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from fedadapt.config import CONTINUAL_METHODS, CONTINUAL_SCENARIOS, DEVICES, ConfigError, RunConfig
-from strategies.names import STRATEGIES
+from strategies.names import STRATEGIES, WIRE_DTYPES
 
 
 def _positive_int(text: str) -> int:
@@ -64,6 +64,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scenario", default="", metavar="NAME_OR_PATH",
                    help="a classification scenario (simulations/scenarios/NAME.toml or a "
                    ".toml path); it sets the sites, image size, classes and seed")
+    p.add_argument("--backbone-weights", default=d.backbone_weights, metavar="builtin|random|PATH",
+                   help=f"frozen encoder weights (default {d.backbone_weights}: the shipped "
+                   "MAE-pretrained checkpoint)")
+    p.add_argument("--personal-keys", default=d.personal_keys, metavar="KEYS",
+                   help="comma-separated tensor-name parts each site keeps local (e.g. head)")
+    p.add_argument("--wire-dtype", choices=WIRE_DTYPES, default=d.wire_dtype,
+                   help=f"dtype of adapter tensors on the wire (default {d.wire_dtype})")
+    p.add_argument("--site-ranks", default=d.site_ranks, metavar="R1,R2,...",
+                   help="one LoRA rank per simulated site (heterogeneous ranks)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="log rounds to <run dir>/tensorboard/")
+    p.add_argument("--mlflow", action="store_true", help="log rounds to <out>/mlruns (MLflow)")
     p.add_argument("--epsilon-cap", type=_nonneg_float, default=d.epsilon_cap,
                    help="epsilon cap written into the policy of each simulated site that has "
                    f"none yet (default {d.epsilon_cap})")
@@ -154,7 +166,10 @@ def _simulate(args: argparse.Namespace) -> int:
                     min_train_sites=args.min_train_sites, epsilon_cap=args.epsilon_cap,
                     sites_dir=args.sites_dir, site_dp=args.site_dp,
                     site_noise_multiplier=args.site_noise_multiplier,
-                    site_clip_norm=args.site_clip_norm)
+                    site_clip_norm=args.site_clip_norm, backbone_weights=args.backbone_weights,
+                    personal_keys=args.personal_keys, wire_dtype=args.wire_dtype,
+                    site_ranks=args.site_ranks, tensorboard=args.tensorboard,
+                    mlflow=args.mlflow)
     if args.scenario in CONTINUAL_SCENARIOS:
         rounds = (args.rounds if args.rounds != RunConfig().num_server_rounds
                   else 2 * args.phases)
