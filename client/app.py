@@ -118,7 +118,7 @@ def _dp_fisher(site: Site, context: Context, model, phase: int, req, *, run_id: 
     decision = budget.decide(request, run_id=run_id)
     if not decision.allowed:
         raise _Refused(decision, budget.policy.epsilon_cap)
-    gen = torch.Generator().manual_seed(hash((site.run.seed, site.index, rnd, "fisher")) % 2**31)
+    gen = torch.Generator().manual_seed(hash((site.run.seed, site.index, rnd, 7919)) % 2**31)
     fisher = dp_diagonal_fisher(model, data, clip_norm=request.clip_norm,
                                 noise_multiplier=sigma, generator=gen)
     if sigma > 0:
