@@ -77,6 +77,19 @@ def test_epsilon_matches_opacus_accountant(dp_run):
         assert summary["rounds"][-1]["train"][site]["epsilon"] == pytest.approx(eps, rel=1e-9)
 
 
+def test_cross_site_matrix_in_summary_and_report(dp_run):
+    _, run_dir, summary = dp_run
+    cs = summary["cross_site"]
+    assert cs["models"] == ["global", "local:hospital-a", "local:hospital-b"]
+    assert cs["sites"] == ["hospital-a", "hospital-b"]
+    # the global row is the last round's federated evaluation, site by site
+    last = summary["rounds"][-1]["evaluate"]
+    assert cs["accuracy"][0] == [pytest.approx(last[s]["accuracy"]) for s in cs["sites"]]
+    assert all(0.0 <= a <= 1.0 for row in cs["accuracy"] for a in row)
+    assert 'src="cross_site.png"' in (run_dir / "report.html").read_text()
+    assert (run_dir / "cross_site.png").stat().st_size > 1000
+
+
 def test_one_ledger_per_site_and_audit_agrees(dp_run):
     from privacy.audit import audit_ledger
 
