@@ -6,18 +6,10 @@ import argparse
 import time
 from pathlib import Path
 
+from fedadapt.argtypes import positive_int
+
 #: The shipped checkpoint's file name (``fedimaging.backbones.BUILTIN_WEIGHTS``).
 BUILTIN_NAME = "fedimaging/pretrained/vit-default-mae.safetensors"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,15 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="FILE",
                    help=f"checkpoint to write (.safetensors, .pt or .pth); the shipped one is "
                    f"{BUILTIN_NAME}")
-    p.add_argument("--epochs", type=_positive_int, default=None,
+    p.add_argument("--epochs", type=positive_int, default=None,
                    help="passes over the images (default: PretrainConfig.epochs)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: PretrainConfig.seed)")
-    p.add_argument("--scanners", type=_positive_int, default=None,
+    p.add_argument("--scanners", type=positive_int, default=None,
                    help="simulated scanners (default: PretrainConfig.num_scanners)")
-    p.add_argument("--images-per-scanner", type=_positive_int, default=None,
+    p.add_argument("--images-per-scanner", type=positive_int, default=None,
                    help="unlabelled images per scanner (default: "
                    "PretrainConfig.images_per_scanner)")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice); results are "
                    "bit-reproducible for a fixed seed and thread count")
     p.set_defaults(func=_pretrain)

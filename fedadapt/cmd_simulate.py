@@ -4,28 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from fedadapt.config import CONTINUAL_METHODS, CONTINUAL_SCENARIOS, DEVICES, ConfigError, RunConfig
+from fedadapt.argtypes import nonneg_float, positive_int
+from fedadapt.config import (CONTINUAL_METHODS, CONTINUAL_SCENARIOS, DEVICES, ConfigError,
+                             RunConfig)
 from strategies.names import STRATEGIES, WIRE_DTYPES
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,9 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Run a federation of simulated hospitals on Flower's "
                        "Simulation Engine and write runs/<timestamp>/ with summary.json "
                        "and the final adapter in PEFT format.")
-    p.add_argument("--rounds", type=_positive_int, default=d.num_server_rounds,
+    p.add_argument("--rounds", type=positive_int, default=d.num_server_rounds,
                    help=f"federated rounds (default {d.num_server_rounds})")
-    p.add_argument("--sites", type=_positive_int, default=d.num_sites,
+    p.add_argument("--sites", type=positive_int, default=d.num_sites,
                    help=f"simulated hospitals (default {d.num_sites})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
     p.add_argument("--out", default=d.out_dir, help=f"parent of the run directory "
@@ -47,18 +29,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-fraction", type=float, default=0.5,
                    help="share of a GPU each site reserves on CUDA (default 0.5)")
     p.add_argument("--no-dp", action="store_true", help="train without differential privacy")
-    p.add_argument("--noise-multiplier", type=_nonneg_float, default=d.noise_multiplier,
+    p.add_argument("--noise-multiplier", type=nonneg_float, default=d.noise_multiplier,
                    help=f"DP-SGD noise multiplier sigma (default {d.noise_multiplier})")
-    p.add_argument("--max-grad-norm", type=_nonneg_float, default=d.max_grad_norm,
+    p.add_argument("--max-grad-norm", type=nonneg_float, default=d.max_grad_norm,
                    help=f"DP-SGD clipping norm (default {d.max_grad_norm})")
-    p.add_argument("--local-epochs", type=_positive_int, default=d.local_epochs,
+    p.add_argument("--local-epochs", type=positive_int, default=d.local_epochs,
                    help=f"local epochs per round (default {d.local_epochs})")
-    p.add_argument("--lr", type=_nonneg_float, default=d.lr, help=f"learning rate (default {d.lr})")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+    p.add_argument("--lr", type=nonneg_float, default=d.lr, help=f"learning rate (default {d.lr})")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                    help=f"expected batch size (default {d.batch_size})")
-    p.add_argument("--train-size", type=_positive_int, default=d.site_train_size,
+    p.add_argument("--train-size", type=positive_int, default=d.site_train_size,
                    help=f"training records at the largest site (default {d.site_train_size})")
-    p.add_argument("--test-size", type=_positive_int, default=d.site_test_size,
+    p.add_argument("--test-size", type=positive_int, default=d.site_test_size,
                    help=f"held-out records at the largest site (default {d.site_test_size})")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--scenario", default="", metavar="NAME_OR_PATH",
@@ -76,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tensorboard", action="store_true",
                    help="log rounds to <run dir>/tensorboard/")
     p.add_argument("--mlflow", action="store_true", help="log rounds to <out>/mlruns (MLflow)")
-    p.add_argument("--epsilon-cap", type=_nonneg_float, default=d.epsilon_cap,
+    p.add_argument("--epsilon-cap", type=nonneg_float, default=d.epsilon_cap,
                    help="epsilon cap written into the policy of each simulated site that has "
                    f"none yet (default {d.epsilon_cap})")
     p.add_argument("--sites-dir", default=d.sites_dir, metavar="DIR",
@@ -84,19 +66,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "composes across runs); default: fresh ones in the run directory")
     p.add_argument("--site-dp", action="store_true",
                    help="site-level DP at the server (DP-FedAvg clip + noise), reported apart")
-    p.add_argument("--site-noise-multiplier", type=_nonneg_float, default=d.site_noise_multiplier,
+    p.add_argument("--site-noise-multiplier", type=nonneg_float, default=d.site_noise_multiplier,
                    help=f"site-level noise multiplier z (default {d.site_noise_multiplier})")
-    p.add_argument("--site-clip-norm", type=_nonneg_float, default=d.site_clip_norm,
+    p.add_argument("--site-clip-norm", type=nonneg_float, default=d.site_clip_norm,
                    help=f"site-level clip norm S of each update (default {d.site_clip_norm})")
     p.add_argument("--continual", choices=CONTINUAL_METHODS, default=d.continual,
                    help="continual-learning method for --scenario site-incremental or "
                    f"domain-incremental (default {d.continual})")
-    p.add_argument("--phases", type=_positive_int, default=d.phases,
+    p.add_argument("--phases", type=positive_int, default=d.phases,
                    help=f"phases of a continual scenario (default {d.phases}); without "
                    "--rounds a continual run has 2 rounds per phase")
     p.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
                    help=f"aggregation strategy (default {d.strategy}; ffa-lora is exact under DP)")
-    p.add_argument("--min-train-sites", type=_positive_int, default=d.min_train_sites,
+    p.add_argument("--min-train-sites", type=positive_int, default=d.min_train_sites,
                    help="fewest sites that must train for a round to update the global "
                    f"adapter; a round with fewer is recorded as failed (default "
                    f"{d.min_train_sites})")
