@@ -27,7 +27,7 @@ from server.report_hook import write_report
 from server.tracking import track_round
 from strategies.factory import build_strategy, freezes_lora_a
 from strategies.lora_math import LORA_A
-from strategies.wire import bytes_per_element, decode_reply, encode_messages
+from strategies.wire import bytes_per_element, decode, encode_messages, format_problem
 
 ROUND_TIMEOUT_S = 3600.0
 
@@ -105,9 +105,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             state = _state(reply)
             if state == keys.STATE_OK:
                 log.trained(rlog, reply)  # counts the bytes as they came
-                good.append(decode_reply(reply))  # float32 for validation and aggregation
-                last_local[log.site_of(reply)] = ArrayRecord(
-                    good[-1].content[keys.ARRAYS].to_torch_state_dict())
+                good.append(reply)  # as it came: validation checks its wire dtype, decodes
+                update = reply.content[keys.ARRAYS]
+                if format_problem(update, cfg.wire_dtype) is None:  # for cross-site eval
+                    last_local[log.site_of(reply)] = ArrayRecord(decode(update))
             elif state == keys.STATE_REFUSED:
                 if log.refused(rlog, reply):
                     spent_nodes.add(reply.metadata.src_node_id)

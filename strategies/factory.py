@@ -27,8 +27,10 @@ def build_strategy(name: str, cfg: RunConfig, *, validate: bool = True) -> Strat
 
     Args:
         name: Strategy name.
-        cfg: Run config (number of sites, LoRA rank, proximal μ).
-        validate: Wrap in :class:`strategies.validation.Validated` (default).
+        cfg: Run config (number of sites, LoRA rank, proximal μ, wire dtype).
+        validate: Wrap in :class:`strategies.validation.Validated` (default), which
+            takes replies as they came off the wire (``cfg.wire_dtype``) and hands the
+            inner strategy float32 tensors.
 
     Raises:
         ValueError: if ``name`` is unknown.
@@ -54,4 +56,4 @@ def build_strategy(name: str, cfg: RunConfig, *, validate: bool = True) -> Strat
         inner = SiteLevelDP(inner, noise_multiplier=cfg.site_noise_multiplier,
                             clip_norm=cfg.site_clip_norm, num_sites=cfg.num_sites,
                             delta=cfg.delta, seed=cfg.seed)
-    return Validated(inner) if validate else inner
+    return Validated(inner, wire_dtype=cfg.wire_dtype) if validate else inner

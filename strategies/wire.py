@@ -25,6 +25,7 @@ from fedadapt import keys
 from strategies.names import WIRE_DTYPES
 
 RAW_STYPE = "fedadapt.torch-raw"  # raw little-endian tensor bytes, dtype = torch dtype name
+NUMPY_STYPE = "numpy.ndarray"  # Flower's own serialisation (np.save bytes)
 _TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -88,6 +89,44 @@ def decode(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return out
 
 
+def format_problem(record: ArrayRecord, dtype: str) -> str | None:
+    """Why ``record`` is not what :func:`encode` makes for ``dtype``, or None if it is.
+
+    Every floating tensor must travel in the run's wire dtype: as Flower's NumPy
+    serialisation of ``float32`` for ``float32``, as :data:`RAW_STYPE` bytes of exactly
+    ``dtype`` (and of the right length) for a 16-bit dtype. Non-floating tensors keep
+    Flower's NumPy serialisation. Update validation (:mod:`strategies.validation`)
+    rejects a reply with a problem before it is decoded, since decoding to float32 would
+    hide the dtype the site sent.
+
+    Args:
+        record: A reply's ArrayRecord as it came off the wire.
+        dtype: The run's wire dtype (``wire-dtype``).
+    """
+    _check_dtype(dtype)
+    for name, arr in record.items():
+        if arr.stype == RAW_STYPE:
+            if arr.dtype != dtype:
+                return (f"{name}: sent as {arr.dtype} on the wire, the run's wire-dtype is "
+                        f"{dtype}")
+            n = int(np.prod(arr.shape)) if arr.shape else 1
+            if len(arr.data) != n * bytes_per_element(dtype):
+                return (f"{name}: {len(arr.data)} bytes for shape {tuple(arr.shape)} {dtype}, "
+                        f"expected {n * bytes_per_element(dtype)}")
+        elif arr.stype == NUMPY_STYPE:
+            try:
+                kind = np.dtype(arr.dtype).kind
+            except TypeError:
+                return f"{name}: unknown dtype {arr.dtype!r} on the wire"
+            if kind in "fc" and (dtype != "float32" or arr.dtype != "float32"):
+                return (f"{name}: sent as {arr.dtype} on the wire, the run's wire-dtype is "
+                        f"{dtype}")
+        else:
+            return (f"{name}: serialisation {arr.stype!r} on the wire, expected "
+                    f"{NUMPY_STYPE!r} or {RAW_STYPE!r}")
+    return None
+
+
 def bytes_per_element(dtype: str) -> int:
     """Bytes one floating element takes on the wire in ``dtype``."""
     return torch.tensor([], dtype=_check_dtype(dtype)).element_size()
@@ -101,10 +140,3 @@ def encode_messages(messages: Iterable[Message], dtype: str) -> list[Message]:
             if keys.ARRAYS in msg.content.array_records:
                 msg.content[keys.ARRAYS] = encode(msg.content[keys.ARRAYS], dtype)
     return messages
-
-
-def decode_reply(reply: Message) -> Message:
-    """Replace a reply's ArrayRecord by its float32 decoding, in place (for aggregation)."""
-    if reply.has_content() and keys.ARRAYS in reply.content.array_records:
-        reply.content[keys.ARRAYS] = ArrayRecord(decode(reply.content[keys.ARRAYS]))
-    return reply

@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fedadapt import keys
 from fedadapt.config import RunConfig
 from strategies import lora_math as lm
+from strategies import wire
 from strategies.factory import build_strategy
 from strategies.validation import Validated
 from tests.flower_helpers import FakeGrid, task_identity  # noqa: F401 (fixture)
@@ -88,6 +89,52 @@ def test_validation_rejects_wrong_names_shapes_dtypes():
     assert len(strategy.rejected[1]) == 3
     for n in sent:
         torch.testing.assert_close(agg[n], sent[n])
+
+
+def test_validation_rejects_replies_in_another_wire_dtype():
+    # The run asks for bfloat16 on the wire: a reply in float32, float16 or float64, or
+    # with a truncated payload, is rejected before decoding (which would hide the dtype).
+    g = torch.Generator().manual_seed(5)
+    sent = _state(g)
+    states = [{n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in sent.items()}
+              for _ in range(6)]
+    short = wire.encode(states[4], "bfloat16")
+    short[HEAD].data = short[HEAD].data[:-2]
+    records = [wire.encode(states[0], "bfloat16"), wire.encode(states[1], "float32"),
+               wire.encode(states[2], "float16"),
+               ArrayRecord({**states[3], A: states[3][A].double()}), short,
+               wire.encode(states[5], "bfloat16")]
+    strategy = build_strategy("fedavg", RunConfig(num_sites=6, lora_rank=12, dp=False,
+                                                  wire_dtype="bfloat16"))
+    msgs = list(strategy.configure_train(1, ArrayRecord(sent), ConfigRecord({}), FakeGrid(6)))
+    replies = [Message(RecordDict({
+        keys.ARRAYS: rec, keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 1}),
+        keys.STATUS: ConfigRecord({keys.SITE_ID: f"site-{i}", keys.STATE: keys.STATE_OK})}),
+        reply_to=m) for i, (m, rec) in enumerate(zip(msgs, records))]
+    agg = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()
+    why = {r["site"]: r["reason"] for r in strategy.rejected[1]}
+    assert set(why) == {"site-1", "site-2", "site-3", "site-4"}, why
+    assert "sent as float32 on the wire, the run's wire-dtype is bfloat16" in why["site-1"]
+    assert "float16" in why["site-2"] and "float64" in why["site-3"]
+    assert f"{HEAD}: 94 bytes" in why["site-4"] and "expected 96" in why["site-4"]
+    valid = [wire.decode(records[i]) for i in (0, 5)]  # bf16 values, accumulated in fp32
+    for n in agg:
+        assert agg[n].dtype == torch.float32
+        torch.testing.assert_close(agg[n], (valid[0][n] + valid[1][n]) / 2)
+
+
+def test_float32_run_rejects_float64_reply_that_decoding_would_hide():
+    g = torch.Generator().manual_seed(6)
+    sent = _state(g)
+    strategy = build_strategy("fedavg", RunConfig(num_sites=3, lora_rank=12, dp=False))
+    msgs = list(strategy.configure_train(1, ArrayRecord(sent), ConfigRecord({}), FakeGrid(3)))
+    f64 = {n: t.double() for n, t in sent.items()}
+    replies = [Message(RecordDict({keys.ARRAYS: ArrayRecord(s), keys.METRICS: MetricRecord(
+        {keys.NUM_EXAMPLES: 1})}), reply_to=m) for m, s in zip(msgs, [sent, f64, sent])]
+    strategy.aggregate_train(1, replies)
+    [rej] = strategy.rejected[1]
+    assert rej["site"] == f"node-{replies[1].metadata.src_node_id}"
+    assert "sent as float64 on the wire, the run's wire-dtype is float32" in rej["reason"]
 
 
 @pytest.mark.parametrize("name", ["median", "trimmed-mean"])

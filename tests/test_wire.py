@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from flwr.app import RecordDict
+from flwr.app import Array, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from fedadapt.config import ConfigError, RunConfig
@@ -55,6 +55,30 @@ def test_bad_dtype_and_corrupt_payload_are_clear_errors():
     rec["head.bias"].data = rec["head.bias"].data[:-2]
     with pytest.raises(ValueError, match="head.bias.*expected 6"):
         wire.decode(rec)
+
+
+@pytest.mark.parametrize("run", ["float32", "bfloat16", "float16"])
+def test_format_problem_accepts_only_the_runs_wire_dtype(run):
+    state = _state()
+    for sent in ("float32", "bfloat16", "float16"):
+        problem = wire.format_problem(wire.encode(state, sent), run)
+        if sent == run:
+            assert problem is None  # integer tensors keep NumPy serialisation
+        else:
+            assert f"sent as {sent} on the wire, the run's wire-dtype is {run}" in problem
+    f64 = wire.encode(state, run)
+    f64["head.bias"] = Array(state["head.bias"].double().numpy())
+    assert "head.bias: sent as float64" in wire.format_problem(f64, run)
+    odd = wire.encode(state, run)
+    odd["head.bias"] = Array(dtype="float32", shape=(3,), stype="pickle", data=b"x" * 12)
+    assert "serialisation 'pickle'" in wire.format_problem(odd, run)
+
+
+def test_format_problem_catches_a_truncated_16_bit_payload():
+    rec = wire.encode(_state(), "bfloat16")
+    rec["m.lora_A.w"].data = rec["m.lora_A.w"].data[:-1]
+    assert wire.format_problem(rec, "bfloat16") == (
+        "m.lora_A.w: 127 bytes for shape (4, 16) bfloat16, expected 128")
 
 
 @pytest.fixture(scope="module")
