@@ -19,9 +19,10 @@ from flwr.clientapp import ClientApp
 from client.budget import dataset_fingerprint, planned_round, site_dir
 from client.continual import ContinualRound, dp_diagonal_fisher, end_round, plan
 from client.site import Site, set_threads, site_from_context
-from client.train import evaluate, resolve_device, train
+from client.train import evaluate, evaluate_metrics, resolve_device, train
 from fedadapt import keys
 from fedimaging.backbones import build_model, load_trainable, trainable_state
+from fedimaging.tasks import task_loss
 from privacy.accounting import Mechanism, epsilon
 from privacy.dp import DPRequest
 from privacy.guard import Decision, TrainRequest, is_budget_refusal, noise_for_target
@@ -179,7 +180,8 @@ def handle_train(msg: Message, context: Context,
                    batch_size=batch_size, device=resolve_device(site.run.device),
                    seed=hash((site.run.seed, site.index, rnd)) % 2**31, dp=dp, amp=site.run.amp,
                    proximal_mu=float(req.get(keys.PROXIMAL_MU, 0.0)),
-                   param_penalty=hooks.param_penalty, extra_loss=hooks.extra_loss)
+                   param_penalty=hooks.param_penalty, extra_loss=hooks.extra_loss,
+                   loss_fn=task_loss(site.task))
     if cl is not None:
         end_round(context, phase=phase)
     eps_total = eps_round = 0.0
@@ -228,10 +230,13 @@ def handle_evaluate(msg: Message, context: Context,
         phase = own_phases[0]
     _, test_set = site.datasets(phase)
     device = resolve_device(site.run.device)
-    loss, acc = evaluate(model, test_set, batch_size=site.run.batch_size, device=device,
-                         amp=site.run.amp)
+    loss, scores = evaluate_metrics(model, test_set, batch_size=site.run.batch_size,
+                                    device=device, amp=site.run.amp, task=site.task)
+    acc = scores["accuracy"]  # segmentation: voxel accuracy (Dice is keys.EVAL_METRICS')
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(test_set), keys.EVAL_LOSS: loss,
-                            keys.EVAL_ACC: acc, keys.PARTITION_ID: site.index})
+                            keys.EVAL_ACC: acc, keys.PARTITION_ID: site.index,
+                            **{keys.EVAL_METRICS[k]: v for k, v in scores.items()
+                               if k in keys.EVAL_METRICS}})
     for j in own_phases:
         test_j = test_set if j == phase else site.datasets(j)[1]
         acc_j = acc if j == phase else evaluate(model, test_j, batch_size=site.run.batch_size,
@@ -240,9 +245,10 @@ def handle_evaluate(msg: Message, context: Context,
         metrics[keys.NUM_EXAMPLES_PHASE.format(j)] = len(test_j)
     if site.personalised_keys:
         model = _model(site, msg, personal=True)
-        p_loss, p_acc = evaluate(model, test_set, batch_size=site.run.batch_size,
-                                 device=device, amp=site.run.amp)
-        metrics[keys.EVAL_LOSS_PERSONAL], metrics[keys.EVAL_ACC_PERSONAL] = p_loss, p_acc
+        p_loss, p_scores = evaluate_metrics(model, test_set, batch_size=site.run.batch_size,
+                                            device=device, amp=site.run.amp, task=site.task)
+        metrics[keys.EVAL_LOSS_PERSONAL] = p_loss
+        metrics[keys.EVAL_ACC_PERSONAL] = p_scores["accuracy"]
     content = RecordDict({keys.METRICS: metrics, keys.STATUS: ConfigRecord(
         {keys.SITE_ID: site.name, keys.STATE: keys.STATE_OK})})
     return Message(content=content, reply_to=msg)

@@ -27,7 +27,7 @@ from fedimaging.backbones import ModelSpec
 from fedimaging.datalist import ImageSpec, load_split
 from fedimaging.medmnist import load_medmnist
 from fedimaging.synthetic import ScannerShift, SiteSpec, default_sites, make_site_data
-from simulations.scenario import Scenario, load_scenario, site_data
+from fedimaging.scenario import Scenario, load_scenario, site_data
 
 if TYPE_CHECKING:
     from continual.scenarios import ContinualScenario
@@ -137,6 +137,11 @@ class Site:
             return self.run.lora_rank
         return self.run.rank_of_site(self.index)
 
+    @property
+    def task(self) -> str:
+        """The run's task (``fedimaging.tasks.TASKS``): its scenario's, else classification."""
+        return self.run.task[0]
+
     def model_spec(self) -> ModelSpec:
         """The architecture every site and the server share, at this site's LoRA rank."""
         return dataclasses.replace(self.run.model_spec(), lora_rank=self.lora_rank)
@@ -175,11 +180,11 @@ class Site:
         assert self.config is not None and self.site_dir is not None
         path = self.config.data_path(self.site_dir)
         assert path is not None
-        img = self.config.image
-        spec = ImageSpec(spatial_dims=2, channels=1,
-                         spatial_size=(self.run.image_size, self.run.image_size),
+        img, model = self.config.image, self.model_spec()
+        spec = ImageSpec(spatial_dims=model.spatial_dims, channels=1,
+                         spatial_size=(model.image_size,) * model.spatial_dims,
                          resize=img.resize, pixdim=img.pixdim, intensity=img.intensity,
-                         task="classification", num_classes=self.run.num_classes)
+                         task=model.task, num_classes=model.num_classes)
         if path.suffix == ".npz":  # MedMNIST (Yang et al., 2023)
             return load_medmnist(path, "train", spec), load_medmnist(path, "test", spec)
         return load_split(path, "training", spec), load_split(path, "test", spec)

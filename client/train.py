@@ -1,9 +1,12 @@
 """Local training and evaluation at a site: plain PyTorch, no Flower import.
 
-``train`` runs SGD, or DP-SGD when given a ``DPRequest``; ``evaluate`` returns loss and
-accuracy. Both run on the device they are given, with bf16 autocast on CUDA when
-``amp`` is set (autocast covers the forward pass; Opacus computes per-sample gradients
-and clips them in float32, so the DP guarantee does not depend on it).
+``train`` runs SGD, or DP-SGD when given a ``DPRequest``, on the task's loss
+(``fedimaging.tasks.task_loss``: cross-entropy, BCE on logits or Dice + CE);
+``evaluate_metrics`` returns the loss and the task's metrics, ``evaluate`` the loss and
+the task's score (accuracy, or foreground Dice for segmentation). All run on the device
+they are given, with bf16 autocast on CUDA when ``amp`` is set (autocast covers the
+forward pass; Opacus computes per-sample gradients and clips them in float32, so the DP
+guarantee does not depend on it).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from continual.penalty import penalty_step
+from fedimaging.tasks import SCORE, Loss, TaskScores, task_loss
 from privacy.dp import DPRequest, make_private
 
 
@@ -55,8 +59,8 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
           device: torch.device, seed: int, dp: DPRequest | None = None,
           amp: bool = False, proximal_mu: float = 0.0,
           param_penalty: Callable[[], torch.Tensor] | None = None,
-          extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-          ) -> TrainResult:
+          extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+          loss_fn: Loss | None = None) -> TrainResult:
     """Train the trainable tensors of ``model`` on ``dataset`` in place.
 
     Args:
@@ -79,6 +83,8 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
         extra_loss: A per-example-mean loss term ``f(x, logits)`` added to the task loss
             (e.g. LwF distillation); it is part of each example's gradient, so under
             DP-SGD it is clipped and noised with it.
+        loss_fn: The task loss ``f(logits, y)``, a mean over the batch's examples
+            (``fedimaging.tasks.task_loss``); default cross-entropy.
 
     Returns:
         The round's ``TrainResult``.
@@ -97,7 +103,7 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
         net, optimizer, loader = make_private(model, optimizer, loader, request=dp,
                                               generator=noise_gen)
         sample_rate = 1.0 / len(loader)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = loss_fn if loss_fn is not None else task_loss("classification")
     steps, total = 0, 0.0
     for _ in range(epochs):
         for x, y in loader:
@@ -127,17 +133,40 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, device: torch.device,
-             amp: bool = False) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``dataset``."""
+def evaluate_metrics(model: nn.Module, dataset: Dataset, *, batch_size: int,
+                     device: torch.device, amp: bool = False, task: str = "classification",
+                     num_classes: int = 0) -> tuple[float, dict[str, float]]:
+    """Mean task loss of ``model`` on ``dataset`` and the task's metrics.
+
+    Args:
+        task: ``classification``, ``multilabel`` or ``segmentation``.
+        num_classes: Output classes (segmentation: with background); 0 takes the model's.
+
+    Returns:
+        ``(loss, metrics)``; metrics as ``fedimaging.tasks.TaskScores.result``.
+    """
     model.to(device).eval()
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    total, correct, n = 0.0, 0, 0
-    for x, y in DataLoader(dataset, batch_size=max(batch_size, 64)):
+    loss_fn = task_loss(task)
+    scores: TaskScores | None = None
+    total, n = 0.0, 0
+    # Images are small next to volumes: classify in batches of at least 64.
+    size = batch_size if task == "segmentation" else max(batch_size, 64)
+    for x, y in DataLoader(dataset, batch_size=size):
         x, y = x.to(device), y.to(device)
         with _autocast(device, amp):
             logits = model(x).float()
-        total += float(loss_fn(logits, y))
-        correct += int((logits.argmax(1) == y).sum())
+        scores = scores or TaskScores(task, num_classes or logits.shape[1])
+        total += float(loss_fn(logits, y)) * len(y)
+        scores.update(logits, y)
         n += len(y)
-    return total / n, correct / n
+    if scores is None:
+        raise ValueError("evaluate: the dataset is empty")
+    return total / n, scores.result()
+
+
+def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, device: torch.device,
+             amp: bool = False, task: str = "classification") -> tuple[float, float]:
+    """Mean task loss and the task's score (accuracy; segmentation: foreground Dice)."""
+    loss, metrics = evaluate_metrics(model, dataset, batch_size=batch_size, device=device,
+                                     amp=amp, task=task)
+    return loss, metrics.get(SCORE[task], float("nan"))

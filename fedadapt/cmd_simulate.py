@@ -44,11 +44,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"held-out records at the largest site (default {d.site_test_size})")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--scenario", default="", metavar="NAME_OR_PATH",
-                   help="a classification scenario (simulations/scenarios/NAME.toml or a "
-                   ".toml path); it sets the sites, image size, classes and seed")
-    p.add_argument("--backbone-weights", default=d.backbone_weights, metavar="builtin|random|PATH",
+                   help="a scenario (simulations/scenarios/NAME.toml or a .toml path): "
+                   "classification, multilabel or segmentation (UNETR), 2-D or 3-D; it sets "
+                   "the sites, task, image size, classes and seed")
+    p.add_argument("--backbone-weights", default=None, metavar="builtin|random|PATH",
                    help=f"frozen encoder weights (default {d.backbone_weights}: the shipped "
-                   "MAE-pretrained checkpoint)")
+                   "MAE-pretrained checkpoint of the default ViT; random for a scenario's "
+                   "registry backbone such as UNETR, which has none shipped)")
     p.add_argument("--personal-keys", default=d.personal_keys, metavar="KEYS",
                    help="comma-separated tensor-name parts each site keeps local (e.g. head)")
     p.add_argument("--wire-dtype", choices=WIRE_DTYPES, default=d.wire_dtype,
@@ -90,23 +92,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_simulate)
 
 
-def _with_scenario(cfg: RunConfig, name_or_path: str) -> RunConfig:
-    """The run config of a scenario: its sites, image size, classes and seed."""
-    from simulations.scenario import SCENARIO_DIR, load_scenario, scenario_path
+def _with_scenario(cfg: RunConfig, name_or_path: str, *,
+                   weights_given: bool = True) -> RunConfig:
+    """The run config of a scenario: its sites, image size, classes and seed (the task
+    and dimensionality follow from ``scenario``, :meth:`RunConfig.model_spec`).
+
+    Without ``--backbone-weights`` a scenario whose backbone is a registry one (UNETR for
+    segmentation, the 3-D ViT) starts from seeded random weights: only the default 2-D
+    ViT has a shipped checkpoint.
+    """
+    from fedimaging.backbones import backbone_for
+    from fedimaging.scenario import SCENARIO_DIR, load_scenario, scenario_path
 
     try:
         sc = load_scenario(name_or_path)
     except ValueError as e:
         raise ConfigError(f"--scenario: {e}") from e
-    if sc.task != "classification" or sc.spatial_dims != 2:
-        raise ConfigError(f"--scenario {name_or_path!r} is {sc.spatial_dims}-D {sc.task}; "
-                          "fedadapt simulate runs 2-D classification scenarios (segmentation "
-                          "is in fedimaging.tasks and not yet wired into simulate)")
     path = scenario_path(name_or_path)
     # A shipped name travels as is; a file travels as an absolute path (sites' cwd differs).
     ref = name_or_path if path.parent.resolve() == SCENARIO_DIR.resolve() else str(path.resolve())
-    return cfg.replace(scenario=ref, num_sites=len(sc.sites), image_size=sc.image_size,
-                       num_classes=sc.num_classes, seed=sc.seed)
+    weights = cfg.backbone_weights
+    if not weights_given and backbone_for(sc.task, sc.spatial_dims):
+        weights = "random"
+    cfg = cfg.replace(scenario=ref, num_sites=len(sc.sites), image_size=sc.image_size,
+                      num_classes=sc.num_classes, seed=sc.seed, backbone_weights=weights)
+    try:
+        cfg.model_spec()
+    except ValueError as e:
+        raise ConfigError(f"--scenario {name_or_path!r}: {e}") from e
+    return cfg
 
 
 def _resumed(flags: RunConfig, run_dir: str) -> RunConfig:
@@ -148,7 +162,8 @@ def _simulate(args: argparse.Namespace) -> int:
                     min_train_sites=args.min_train_sites, epsilon_cap=args.epsilon_cap,
                     sites_dir=args.sites_dir, site_dp=args.site_dp,
                     site_noise_multiplier=args.site_noise_multiplier,
-                    site_clip_norm=args.site_clip_norm, backbone_weights=args.backbone_weights,
+                    site_clip_norm=args.site_clip_norm,
+                    backbone_weights=args.backbone_weights or RunConfig().backbone_weights,
                     personal_keys=args.personal_keys, wire_dtype=args.wire_dtype,
                     site_ranks=args.site_ranks, tensorboard=args.tensorboard,
                     mlflow=args.mlflow)
@@ -158,7 +173,13 @@ def _simulate(args: argparse.Namespace) -> int:
         cfg = cfg.replace(scenario=args.scenario, continual=args.continual,
                           phases=args.phases, num_server_rounds=rounds)
     elif args.scenario:
-        cfg = _with_scenario(cfg, args.scenario)
+        d = RunConfig()
+        if (args.continual, args.phases) != (d.continual, d.phases):
+            raise ConfigError(f"--continual/--phases apply to --scenario "
+                              f"{' or '.join(CONTINUAL_SCENARIOS)}; scenario {args.scenario!r} "
+                              "is not continual (continual methods are classification-only)")
+        cfg = _with_scenario(cfg, args.scenario,
+                             weights_given=args.backbone_weights is not None)
     if args.resume:
         cfg = _resumed(cfg, args.resume)
     if cfg.device == "cuda":

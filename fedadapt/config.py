@@ -50,7 +50,8 @@ class RunConfig:
         num_classes: Classes of the synthetic classification task.
         out_dir: Parent folder of the run directory ``<out_dir>/<timestamp>/``.
         scenario: A scenario name or TOML path (``simulations/scenarios/``) whose sites
-            replace the default synthetic hospitals; empty for the defaults.
+            replace the default synthetic hospitals; empty for the defaults. Its task
+            and dimensionality choose the model (:meth:`model_spec`) and the sites' loss.
         strategy: Aggregation strategy (``strategies/``): fedavg, ffa-lora,
             exact, median, trimmed-mean, fedprox, fedadam, fedyogi.
         proximal_mu: FedProx proximal weight μ (used by ``fedprox``).
@@ -167,7 +168,11 @@ class RunConfig:
         need(self.site_test_size >= 4, "site-test-size", "an integer >= 4")
         need(self.image_size >= 16 and self.image_size % 4 == 0, "image-size",
              "a multiple of 4, at least 16")
-        need(2 <= self.num_classes <= 3, "num-classes", "2 or 3 (the synthetic task has 3 classes)")
+        if self.scenario and not self.is_continual:  # a scenario's own classes or labels
+            need(self.num_classes >= 2, "num-classes", "an integer >= 2")
+        else:
+            need(2 <= self.num_classes <= 3, "num-classes",
+                 "2 or 3 (the synthetic task has 3 classes)")
         need(bool(self.out_dir), "out-dir", "a folder path")
         need(self.strategy in STRATEGIES, "strategy", f"one of {', '.join(STRATEGIES)}")
         need(self.proximal_mu >= 0, "proximal-mu", "a number >= 0")
@@ -256,11 +261,23 @@ class RunConfig:
 
     def model_spec(self) -> "ModelSpec":
         """The architecture every site and the server build from this config."""
-        from fedimaging.backbones import ModelSpec
+        from fedimaging.backbones import ModelSpec, backbone_for
 
+        task, dims = self.task
         return ModelSpec(image_size=self.image_size, num_classes=self.num_classes,
                          lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, seed=self.seed,
-                         backbone_weights=self.backbone_weights)
+                         backbone_weights=self.backbone_weights, task=task, spatial_dims=dims,
+                         backbone=backbone_for(task, dims))
+
+    @property
+    def task(self) -> tuple[str, int]:
+        """``(task, spatial_dims)`` of the run: its scenario's, else 2-D classification."""
+        if not self.scenario or self.is_continual:
+            return "classification", 2
+        from fedimaging.scenario import load_scenario
+
+        sc = load_scenario(self.scenario)
+        return sc.task, sc.spatial_dims
 
     def rank_of_site(self, index: int) -> int:
         """The LoRA rank simulated site ``index`` trains at (``site-ranks``, else global)."""

@@ -41,6 +41,11 @@ DELTA: Final = "delta"
 STEPS: Final = "steps"
 SAMPLE_RATE: Final = "sample-rate"
 PARTITION_ID: Final = "partition-id"
+# The task's further evaluation metrics (``fedimaging.tasks.TaskScores``), by name:
+# classification and multilabel add balanced accuracy and ROC AUC; segmentation adds
+# the mean foreground Dice (EVAL_ACC is then the voxel accuracy).
+EVAL_METRICS: Final = {"balanced_accuracy": "eval-balanced-acc", "auc": "eval-auc",
+                       "dice": "eval-dice"}
 EVAL_ACC_PHASE: Final = "eval-acc-phase-{}"  # continual: accuracy on phase j's test set
 NUM_EXAMPLES_PHASE: Final = "num-examples-phase-{}"  # continual: its size
 

@@ -1,8 +1,13 @@
-"""Backbones and adapter injection: a frozen MONAI ViT with PEFT LoRA and a trainable head.
+"""Backbones and adapter injection: a frozen backbone with PEFT LoRA and a trainable head.
 
 Only the adapter tensors (``lora_A``/``lora_B``) and the task head are trainable; these
 are exactly the tensors that travel between server and sites. The frozen backbone is
 rebuilt deterministically at every site from its spec (seed), so it never travels.
+
+The default (2-D classification) backbone is :class:`ViTClassifier`, which starts from
+the shipped MAE checkpoint; a spec naming a registry backbone (``fedimaging.registry``,
+e.g. ``unetr-2d``/``unetr-3d`` for segmentation, ``vit-3d``) is built from the registry
+with the registry's LoRA targets and head.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from fedimaging.weights import CheckpointError, load_weights
 #: LoRA goes into the attention projections of MONAI's ``SABlock``.
 VIT_LORA_TARGETS = ("qkv", "out_proj")
 HEAD = "head"
+TASKS = ("classification", "multilabel", "segmentation")
 #: The shipped MAE-pretrained encoder of the default ``ModelSpec`` (``fedadapt pretrain``).
 BUILTIN_WEIGHTS = Path(__file__).resolve().parent / "pretrained" / "vit-default-mae.safetensors"
 #: ``ViTClassifier`` tensors an encoder checkpoint does not hold: the task head (trained
@@ -45,7 +51,15 @@ class ModelSpec:
         seed: Seed of the (frozen) backbone and of the initial adapters.
         backbone_weights: Encoder weights: ``"random"`` (seeded random init),
             ``"builtin"`` (the shipped MAE-pretrained checkpoint, :data:`BUILTIN_WEIGHTS`)
-            or a path to a ``.safetensors``/``.pt``/``.pth`` holding ``encoder.*`` tensors.
+            or a path to a ``.safetensors``/``.pt``/``.pth`` holding ``encoder.*`` tensors
+            (a registry backbone: its own tensor names; its head may be missing).
+        task: ``classification``, ``multilabel`` or ``segmentation`` (what the sites'
+            loss and metrics are, ``fedimaging.tasks``).
+        spatial_dims: 2 or 3.
+        backbone: A registry name (:func:`backbone_for`), or empty for the default
+            :class:`ViTClassifier` (2-D classification). Registry backbones take
+            ``hidden_size``, ``mlp_dim`` and ``num_heads`` from this spec where they have
+            them (UNETR: 12 layers, patch 16, fixed by MONAI).
     """
 
     image_size: int = 32
@@ -59,11 +73,35 @@ class ModelSpec:
     lora_alpha: int = 16
     seed: int = 0
     backbone_weights: str = "random"
+    task: str = "classification"
+    spatial_dims: int = 2
+    backbone: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.backbone_weights, str) or not self.backbone_weights:
             raise ValueError("backbone_weights must be 'builtin', 'random' or a checkpoint "
                              f"path, got {self.backbone_weights!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"ModelSpec.task={self.task!r}: use one of {TASKS}")
+        if self.backbone:
+            from fedimaging.registry import UNETR_PATCH, get_backbone
+
+            b = get_backbone(self.backbone)
+            if b.spatial_dims != self.spatial_dims or (b.task == "segmentation") != (
+                    self.task == "segmentation"):
+                raise ValueError(f"backbone {self.backbone!r} is {b.spatial_dims}-D "
+                                 f"{b.task}; the spec is {self.spatial_dims}-D {self.task}")
+            if b.name.startswith("unetr") and self.image_size % UNETR_PATCH:
+                raise ValueError(f"image_size {self.image_size} is not a multiple of UNETR's "
+                                 f"patch size {UNETR_PATCH}; use 16, 32, 48, ...")
+            if self.backbone_weights == "builtin":
+                raise ValueError(f"backbone_weights 'builtin' is the default 2-D ViT's MAE "
+                                 f"checkpoint; {self.backbone!r} has none shipped: use "
+                                 "'random' or the path of a checkpoint of this backbone")
+            return
+        if self.task == "segmentation" or self.spatial_dims != 2:
+            raise ValueError(f"the default backbone is a 2-D classifier; a {self.spatial_dims}"
+                             f"-D {self.task} spec names a registry backbone (backbone_for)")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of "
                              f"patch_size {self.patch_size}")
@@ -172,6 +210,36 @@ def backbone_weights_path(choice: str) -> Path | None:
     return path
 
 
+def backbone_for(task: str, spatial_dims: int) -> str:
+    """The backbone a task runs on: empty (the default :class:`ViTClassifier`) for 2-D
+    classification, UNETR for segmentation, the registry's 3-D ViT for 3-D classification."""
+    if task == "segmentation":
+        return f"unetr-{spatial_dims}d"
+    return "" if spatial_dims == 2 else "vit-3d"
+
+
+def registry_base(spec: ModelSpec) -> nn.Module:
+    """The base model (no adapters) of a spec naming a registry backbone: seeded from
+    ``spec.seed``, with ``spec.backbone_weights`` loaded strictly (the head may be missing).
+    ``PeftModel.from_pretrained(registry_base(spec), adapter_dir)`` loads a saved adapter.
+    """
+    from fedimaging.registry import build_backbone, get_backbone
+
+    if not spec.backbone:
+        raise ValueError("registry_base: the spec names no registry backbone")
+    b = get_backbone(spec.backbone)
+    shape = dict(hidden_size=spec.hidden_size, mlp_dim=spec.mlp_dim, num_heads=spec.num_heads)
+    if "num_layers" in b.defaults:
+        shape.update(num_layers=spec.num_layers, patch_size=spec.patch_size)
+    base = build_backbone(spec.backbone, num_classes=spec.num_classes,
+                          img_size=(spec.image_size,) * spec.spatial_dims, seed=spec.seed,
+                          **{k: v for k, v in shape.items() if k in b.defaults})
+    path = backbone_weights_path(spec.backbone_weights)
+    if path is not None:
+        load_weights(base, path, allow_missing=tuple(rf"^{h}\." for h in b.head))
+    return base
+
+
 def build_model(spec: ModelSpec) -> PeftModel:
     """Build the frozen backbone and inject LoRA with PEFT.
 
@@ -193,6 +261,11 @@ def build_model(spec: ModelSpec) -> PeftModel:
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(spec.seed)
+        if spec.backbone:  # the adapters' initial values are seeded too (FFA-LoRA's A)
+            from fedimaging.registry import attach_peft
+
+            return attach_peft(registry_base(spec), spec.backbone, rank=spec.lora_rank,
+                               alpha=spec.lora_alpha)
         base = ViTClassifier(spec)
         if path is not None:
             load_weights(base, path, allow_missing=ENCODER_ALLOW_MISSING)

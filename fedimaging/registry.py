@@ -28,6 +28,8 @@ from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 PEFT_METHODS = ("lora", "dora", "ia3")
+#: MONAI's UNETR cuts its input into 16-pixel patches (fixed), so sizes are multiples of 16.
+UNETR_PATCH = 16
 DP_PEFT_METHODS = ("lora",)
 HEAD = "head"
 

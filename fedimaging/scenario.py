@@ -1,13 +1,15 @@
-"""Multi-site scenarios described in TOML (``simulations/scenarios/*.toml``).
+"""Multi-site scenarios described in TOML (shipped ones in ``simulations/scenarios/*.toml``).
 
-A scenario names the task, dimensionality and image size, and lists its sites. A
+A scenario names the task, dimensionality and image size, and lists its sites. It is
+site data (which images a hospital holds and how its scanner shows them), so it lives
+with the imaging code: ``client/`` reads it without importing ``simulations/``. A
 synthetic site gives its size, label mix and scanner shift (intensity scale, gamma
 contrast curve, noise, blur/resolution loss, bias field); a real site gives a datalist
 (relative to the TOML file) and how its images are read. Everything is deterministic
 by the scenario's seed::
 
     name = "three-hospitals"
-    task = "classification"        # or "segmentation"
+    task = "classification"        # or "multilabel" (datalist sites) or "segmentation"
     spatial_dims = 2
     image_size = 32
     num_classes = 3
@@ -41,7 +43,9 @@ from fedimaging.datalist import ImageSpec, load_split
 from fedimaging.synthetic import ScannerShift, SiteSpec, _scan, make_site_data
 from fedimaging.tasks import synthetic_segmentation
 
-SCENARIO_DIR = Path(__file__).parent / "scenarios"
+#: The shipped scenarios (data files of the ``simulations`` package).
+SCENARIO_DIR = Path(__file__).resolve().parent.parent / "simulations" / "scenarios"
+TASKS = ("classification", "multilabel", "segmentation")
 _TOP = {"name", "task", "spatial_dims", "image_size", "num_classes", "seed", "site"}
 _SITE = {"name", "train_size", "test_size", "label_weights", "shift", "datalist", "image"}
 
@@ -92,16 +96,12 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
         raise ValueError(f"scenario {path}: not valid TOML ({e})") from e
     _no_unknown(doc, _TOP, f"scenario {path}")
     task = doc.get("task", "classification")
-    if task not in ("classification", "segmentation"):
-        raise ValueError(f"scenario {path}: task={task!r}; use 'classification' or "
-                         "'segmentation'")
+    if task not in TASKS:
+        raise ValueError(f"scenario {path}: task={task!r}; use one of {TASKS}")
     dims, size = int(doc.get("spatial_dims", 2)), int(doc.get("image_size", 32))
     k = int(doc.get("num_classes", 3 if task == "classification" else 2))
     if dims not in (2, 3):
         raise ValueError(f"scenario {path}: spatial_dims={dims}; use 2 or 3")
-    if task == "classification" and dims != 2:
-        raise ValueError(f"scenario {path}: synthetic classification is 2-D only; "
-                         "use a datalist site for 3-D classification")
     raw_sites = doc.get("site", [])
     if not raw_sites:
         raise ValueError(f"scenario {path}: no [[site]] tables; add at least one site")
@@ -120,6 +120,12 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
             spec = SiteSpec(s["name"], 0, 0, shift)
             sites.append(ScenarioSite(spec, (path.parent / s["datalist"]).resolve(), image))
             continue
+        if task == "multilabel":
+            raise ValueError(f"{where}: a multilabel scenario needs a 'datalist' per site "
+                             "(0/1 label vectors); synthetic sites are single-label")
+        if task == "classification" and dims != 2:
+            raise ValueError(f"{where}: synthetic classification is 2-D only; give a "
+                             "'datalist' for 3-D classification")
         for key in ("train_size", "test_size"):
             if not isinstance(s.get(key), int) or s[key] < 1:
                 raise ValueError(f"{where}: '{key}' must be a positive integer, found "

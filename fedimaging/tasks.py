@@ -1,32 +1,30 @@
-"""Task losses, DP training and metrics beyond single-label classification.
+"""Task losses and metrics: classification, multi-label classification and segmentation.
 
 Segmentation uses MONAI ``DiceCELoss`` (soft Dice, Milletari et al., "V-Net", 3DV 2016,
 plus voxel cross-entropy) and reports the mean foreground ``DiceMetric``. Classification
 metrics are accuracy, balanced accuracy (mean per-class recall) and ROC AUC through
 MONAI ``ROCAUCMetric`` (one-vs-rest average for multi-class, per-label average for
-multi-label). All functions are plain torch; DP-SGD goes through ``privacy.dp``.
+multi-label). All functions are plain torch; the DP-SGD training loop that uses these
+losses is the site's own (``client.train.train``, through ``privacy.dp``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, ROCAUCMetric
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
-
-from privacy.dp import DPRequest, make_private
+from torch.utils.data import TensorDataset
 
 
-@dataclass(frozen=True)
-class SegResult:
-    """One local training run: steps taken and mean training loss."""
+TASKS = ("classification", "multilabel", "segmentation")
+#: The metric each task is judged by (``TaskScores.result()[SCORE[task]]``).
+SCORE = {"classification": "accuracy", "multilabel": "accuracy", "segmentation": "dice"}
 
-    steps: int
-    loss: float
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def segmentation_loss() -> DiceCELoss:
@@ -34,55 +32,67 @@ def segmentation_loss() -> DiceCELoss:
     return DiceCELoss(to_onehot_y=True, softmax=True, batch=False, reduction="mean")
 
 
-def train_segmentation(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float,
-                       batch_size: int, seed: int, dp: DPRequest | None = None) -> SegResult:
-    """Train the trainable tensors (adapters, head) of a segmentation model in place.
+def task_loss(task: str) -> Loss:
+    """The training loss of ``task``: ``loss(logits, y)``, a mean over the batch's examples.
 
-    Args:
-        model: Maps ``(B, C, *spatial)`` to logits ``(B, K, *spatial)``.
-        dataset: ``(image, mask)`` pairs; masks are ``(1, *spatial)`` class indices.
-        epochs: Passes over the data.
-        lr: SGD learning rate (momentum 0.9).
-        batch_size: Expected batch size (Poisson sampling under DP).
-        seed: Seeds shuffling/Poisson sampling and the DP noise.
-        dp: DP-SGD σ and C, or None for non-private training.
+    Every loss is a mean of per-example terms, which is what Opacus' ``loss_reduction=
+    "mean"`` assumes when it rescales per-sample gradients (DP-SGD, Abadi et al. 2016):
+    cross-entropy (``classification``, ``y`` class indices), binary cross-entropy on
+    logits (``multilabel``, ``y`` 0/1 of shape ``(B, K)``), and MONAI ``DiceCELoss`` with
+    per-example Dice (``segmentation``, ``y`` a ``(B, 1, *spatial)`` mask).
     """
-    gen = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen)
-    if dp is not None:
-        model, opt, loader = make_private(model, opt, loader, request=dp, generator=gen)
-    model.train()
-    loss_fn = segmentation_loss()
-    steps, total = 0, 0.0
-    for _ in range(epochs):
-        for x, y in loader:
-            if len(x) == 0:  # Poisson sampling can draw an empty batch
-                continue
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
-            steps, total = steps + 1, total + float(loss.detach())
-    return SegResult(steps, total / max(steps, 1))
+    if task == "classification":
+        return nn.CrossEntropyLoss()
+    if task == "multilabel":
+        bce = nn.BCEWithLogitsLoss()
+        return lambda logits, y: bce(logits, y.float())
+    if task == "segmentation":
+        return segmentation_loss()
+    raise ValueError(f"unknown task {task!r}; use one of {TASKS}")
 
 
-@torch.no_grad()
-def evaluate_segmentation(model: nn.Module, dataset: Dataset, *, num_classes: int,
-                          batch_size: int = 32) -> tuple[float, float]:
-    """Mean DiceCE loss and mean foreground Dice (background excluded) on ``dataset``."""
-    model.eval()
-    loss_fn, dice = segmentation_loss(), DiceMetric(include_background=False, reduction="mean")
-    total, n = 0.0, 0
-    for x, y in DataLoader(dataset, batch_size=batch_size):
-        logits = model(x)
-        total += float(loss_fn(logits, y)) * len(x)
-        n += len(x)
-        pred = nn.functional.one_hot(logits.argmax(1), num_classes).movedim(-1, 1)
-        true = nn.functional.one_hot(y[:, 0].long(), num_classes).movedim(-1, 1)
-        dice(y_pred=pred, y=true)
-    return total / max(n, 1), float(dice.aggregate().item())
+class TaskScores:
+    """Evaluation metrics of a task, accumulated over batches.
+
+    ``classification``/``multilabel``: :func:`classification_metrics` on all logits
+    (``(N, K)``, small). ``segmentation``: mean foreground Dice (MONAI ``DiceMetric``,
+    background excluded, per image then averaged; an image without foreground in both
+    mask and prediction is left out, MONAI's ``ignore_empty``) and voxel accuracy.
+    """
+
+    def __init__(self, task: str, num_classes: int) -> None:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; use one of {TASKS}")
+        self.task, self.num_classes = task, num_classes
+        self._logits: list[torch.Tensor] = []
+        self._y: list[torch.Tensor] = []
+        self._dice = DiceMetric(include_background=False, reduction="mean")
+        self._correct = self._voxels = 0
+
+    def update(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a batch: ``logits`` ``(B, K, ...)`` and its targets."""
+        logits, y = logits.detach().float().cpu(), y.detach().cpu()
+        if self.task != "segmentation":
+            self._logits.append(logits)
+            self._y.append(y)
+            return
+        k = self.num_classes
+        pred = logits.argmax(1)  # (B, *spatial)
+        true = y[:, 0].long()
+        self._dice(y_pred=nn.functional.one_hot(pred, k).movedim(-1, 1),
+                   y=nn.functional.one_hot(true, k).movedim(-1, 1))
+        self._correct += int((pred == true).sum())
+        self._voxels += true.numel()
+
+    def result(self) -> dict[str, float]:
+        """The metrics so far; non-finite values (e.g. AUC with one class) are left out."""
+        if self.task == "segmentation":
+            out = {"dice": float(self._dice.aggregate().item()),
+                   "accuracy": self._correct / max(self._voxels, 1)}
+        else:
+            out = classification_metrics(torch.cat(self._logits), torch.cat(self._y),
+                                         multilabel=self.task == "multilabel")
+        return {k: v for k, v in out.items() if np.isfinite(v)}
 
 
 def classification_metrics(logits: torch.Tensor, y: torch.Tensor, *,

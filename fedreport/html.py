@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedreport.plots import all_plots
+from fedreport.plots import all_plots, score_name
 
 REQUIRED = ("config", "sites", "rounds")
 CAPTIONS = {
@@ -21,6 +21,10 @@ CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
        "padding:3px 8px;text-align:right}th{background:#eee}img{max-width:100%}"
        ".warn{color:#a00}")
+
+
+_EXTRA = {"dice": "Dice", "balanced_accuracy": "balanced accuracy", "auc": "AUC"}
+_SCORE_LABEL = {"accuracy": "accuracy", "dice": "foreground Dice (segmentation)"}
 
 
 class ReportError(ValueError):
@@ -73,15 +77,19 @@ def render(summary: dict[str, Any], plots: dict[str, Path]) -> str:
              f", started {html.escape(str(summary.get('started', '?')))}, "
              f"{_fmt(summary.get('duration_s'))} s, {len(summary['rounds'])} round(s), "
              f"strategy {html.escape(str(summary.get('strategy', {}).get('name', '?')))}.</p>",
-             f"<p>Final weighted accuracy: <b>{_fmt(last.get('accuracy'))}</b>. Privacy: "
+             f"<p>Final weighted {_SCORE_LABEL[score_name(summary)]}: "
+             f"<b>{_fmt(last.get(score_name(summary)))}</b>. Privacy: "
              f"{'DP-SGD' if priv.get('dp') else 'no DP'}, "
              f"σ = {_fmt(priv.get('noise_multiplier'))}, accountant "
              f"{html.escape(str(priv.get('accountant', '?')))}.</p>"]
     sites = summary.get("sites", {})
+    # The task's further metrics, where sites report them (Dice, balanced accuracy, AUC).
+    extra = [m for m in _EXTRA if any(f"final_{m}" in i for i in sites.values())]
     parts.append("<h2>Sites</h2>" + _table(
-        ["site", "train", "test", "final accuracy", "ε spent", "ε cap", "ε remaining", "δ",
-         "rounds trained", "refused from round"],
-        [[s, _fmt(i.get("num_train")), _fmt(i.get("num_test")), _fmt(i.get("final_accuracy")),
+        ["site", "train", "test", "final accuracy"] + [f"final {_EXTRA[m]}" for m in extra]
+        + ["ε spent", "ε cap", "ε remaining", "δ", "rounds trained", "refused from round"],
+        [[s, _fmt(i.get("num_train")), _fmt(i.get("num_test")), _fmt(i.get("final_accuracy"))]
+         + [_fmt(i.get(f"final_{m}")) for m in extra] + [
           _fmt(i.get("epsilon")), _fmt(i.get("epsilon_cap")), _fmt(i.get("epsilon_remaining")),
           _fmt(i.get("delta")), _fmt(i.get("rounds_trained")),
           _fmt(i.get("refused_from_round"))] for s, i in sorted(sites.items())]))

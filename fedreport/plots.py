@@ -34,20 +34,27 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def score_name(summary: dict[str, Any]) -> str:
+    """The run's headline metric: ``dice`` for segmentation, else ``accuracy``."""
+    return "dice" if any(r.get("dice") is not None for r in summary["rounds"]) else "accuracy"
+
+
 def plot_metrics(summary: dict[str, Any], out: Path) -> Path:
-    """Per-site evaluation accuracy and train/eval loss over rounds."""
+    """Per-site evaluation score (accuracy, or foreground Dice for segmentation) and
+    train/eval loss over rounds."""
     rounds = summary["rounds"]
+    score = score_name(summary)
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
     for site in _sites(rounds, "evaluate"):
-        ax_acc.plot(*_series(rounds, "evaluate", site, "accuracy"), marker="o", label=site)
+        ax_acc.plot(*_series(rounds, "evaluate", site, score), marker="o", label=site)
         ax_loss.plot(*_series(rounds, "evaluate", site, "loss"), marker="o", label=f"{site} eval")
     for site in _sites(rounds, "train"):
         ax_loss.plot(*_series(rounds, "train", site, "loss"), ls="--", marker=".",
                      label=f"{site} train")
-    acc = [(int(r["round"]), r["accuracy"]) for r in rounds if r.get("accuracy") is not None]
+    acc = [(int(r["round"]), r[score]) for r in rounds if r.get(score) is not None]
     if acc:
         ax_acc.plot(*zip(*acc), color="black", lw=2, label="weighted")
-    ax_acc.set(title="Evaluation accuracy per site", xlabel="round", ylabel="accuracy")
+    ax_acc.set(title=f"Evaluation {score} per site", xlabel="round", ylabel=score)
     ax_loss.set(title="Loss per site", xlabel="round", ylabel="loss")
     for ax in (ax_acc, ax_loss):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

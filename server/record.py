@@ -30,10 +30,16 @@ class RoundLog:
 
     def accuracy(self) -> float | None:
         """Evaluation accuracy weighted by each site's held-out size."""
-        n = sum(m["num_examples"] for m in self.evaluate.values())
+        return self.weighted("accuracy")
+
+    def weighted(self, metric: str) -> float | None:
+        """``metric`` over the sites that report it, weighted by held-out size (the
+        federation's Dice of a segmentation run is ``weighted("dice")``)."""
+        ms = [m for m in self.evaluate.values() if metric in m]
+        n = sum(m["num_examples"] for m in ms)
         if not n:
             return None
-        return sum(m["accuracy"] * m["num_examples"] for m in self.evaluate.values()) / n
+        return sum(m[metric] * m["num_examples"] for m in ms) / n
 
     def accuracy_personal(self) -> float | None:
         """As :meth:`accuracy`, with each site's personal tensors (None if none has them)."""
@@ -44,8 +50,11 @@ class RoundLog:
         return sum(m["accuracy_personal"] * m["num_examples"] for m in ms) / n
 
     def to_json(self) -> dict[str, Any]:
+        extra = {k: self.weighted(k) for k in keys.EVAL_METRICS
+                 if any(k in m for m in self.evaluate.values())}
         return {"round": self.round, "train": self.train, "evaluate": self.evaluate,
                 "accuracy": self.accuracy(), "accuracy_personal": self.accuracy_personal(),
+                **extra,
                 "bytes": {"down": self.bytes_down, "up": self.bytes_up,
                           "total": self.bytes_down + self.bytes_up},
                 "refusals": self.refusals, "failures": self.failures,
@@ -88,6 +97,8 @@ class RunLog:
         info = self.sites.setdefault(site, {"partition_id": int(m[keys.PARTITION_ID])})
         info.update(num_train=int(m[keys.NUM_EXAMPLES]), epsilon=float(m[keys.EPSILON]),
                     delta=float(m[keys.DELTA]), rounds_trained=info.get("rounds_trained", 0) + 1)
+        if keys.LORA_RANK in m:  # heterogeneous ranks: the rank the site trained at
+            info["lora_rank"] = int(m[keys.LORA_RANK])
         if keys.EPSILON_CAP in m:
             cap = float(m[keys.EPSILON_CAP])
             info.update(epsilon_cap=cap, epsilon_remaining=cap - float(m[keys.EPSILON]))
@@ -121,6 +132,9 @@ class RunLog:
                               "num_examples": int(m[keys.NUM_EXAMPLES])}
         info = self.sites.setdefault(site, {"partition_id": int(m[keys.PARTITION_ID])})
         info.update(num_test=int(m[keys.NUM_EXAMPLES]), final_accuracy=float(m[keys.EVAL_ACC]))
+        for name, key in keys.EVAL_METRICS.items():  # Dice, balanced accuracy, AUC
+            if key in m:
+                log.evaluate[site][name] = info[f"final_{name}"] = float(m[key])
         if keys.EVAL_ACC_PERSONAL in m:  # the site's personal tensors over the global model
             log.evaluate[site].update(loss_personal=float(m[keys.EVAL_LOSS_PERSONAL]),
                                       accuracy_personal=float(m[keys.EVAL_ACC_PERSONAL]))

@@ -47,6 +47,6 @@ datalist = "real/datalist.json"
     assert (real["num_train"], real["num_test"]) == (32, 8) and real["epsilon"] > 0
 
 
-def test_simulate_refuses_segmentation_scenario():
-    assert main(["simulate", "--scenario", "segmentation-2d"]) == 2
+def test_simulate_refuses_an_unknown_scenario(capsys):
     assert main(["simulate", "--scenario", "no-such-scenario"]) == 2
+    assert "unknown scenario 'no-such-scenario'" in capsys.readouterr().err

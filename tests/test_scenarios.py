@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from simulations.scenario import SCENARIO_DIR, load_scenario, site_data
+from fedimaging.scenario import SCENARIO_DIR, load_scenario, site_data
 
 
 def test_shipped_scenarios_parse():
