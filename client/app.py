@@ -199,7 +199,7 @@ def handle_train(msg: Message, context: Context,
         keys.EPSILON: eps_total, keys.EPSILON_ROUND: eps_round, keys.DELTA: policy.delta,
         keys.EPSILON_CAP: policy.epsilon_cap, keys.NOISE_MULTIPLIER: sigma,
         keys.STEPS: result.steps, keys.SAMPLE_RATE: result.sample_rate,
-        keys.PARTITION_ID: site.index})
+        keys.PARTITION_ID: site.index, keys.LORA_RANK: site.lora_rank})
     content = RecordDict({
         keys.ARRAYS: wire.encode(_reply_state(site, model),
                                  str(req.get(keys.WIRE_DTYPE, "float32"))),

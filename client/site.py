@@ -28,6 +28,7 @@ from fedimaging.datalist import ImageSpec, load_split
 from fedimaging.medmnist import load_medmnist
 from fedimaging.synthetic import ScannerShift, SiteSpec, default_sites, make_site_data
 from fedimaging.scenario import Scenario, load_scenario, site_data
+from strategies.factory import freezes_lora_a
 
 if TYPE_CHECKING:
     from continual.scenarios import ContinualScenario
@@ -131,10 +132,13 @@ class Site:
 
     @property
     def lora_rank(self) -> int:
-        """The LoRA rank this site trains at: a simulated site's ``site-ranks`` entry,
-        else the run's (global) rank."""
+        """The LoRA rank this site trains at: a deployed site's ``site.toml``
+        ``lora_rank`` (0: the run's), a simulated site's ``site-ranks`` entry, else the
+        run's (global) rank. Below the run's rank the site receives the global adapter by
+        truncated SVD and replies zero-padded to the run's rank
+        (:func:`strategies.lora_math.change_rank`), as in FLoRA (Wang et al. 2024)."""
         if self.config is not None:
-            return self.run.lora_rank
+            return self.config.lora_rank or self.run.lora_rank
         return self.run.rank_of_site(self.index)
 
     @property
@@ -240,17 +244,25 @@ def deployed_site(cfg: RunConfig, site_dir: Path, node_config: Mapping[str, Any]
 
     Raises:
         ValueError: On an invalid ``site.toml``, a missing data file, a partition outside
-            the federation, or a run whose LoRA rank the site does not accept.
+            the federation, or a run below the site's LoRA rank (or FFA-LoRA with the
+            site at a smaller rank).
     """
     sc = load_site_config(site_dir)
     index = int(node_config.get(keys.NODE_PARTITION_ID, sc.partition_id))
     num_sites = int(node_config.get(keys.NODE_NUM_PARTITIONS, sc.num_sites))
     if not 0 <= index < num_sites:
         raise ValueError(f"site {sc.name}: partition-id {index} is outside 0..{num_sites - 1}")
-    if sc.lora_rank and sc.lora_rank != cfg.lora_rank:
-        raise ValueError(f"site {sc.name} refuses the run: it asks for LoRA rank "
-                         f"{cfg.lora_rank} but {site_dir / SITE_TOML} accepts only rank "
-                         f"{sc.lora_rank} (lora_rank = 0 accepts any)")
+    if sc.lora_rank > cfg.lora_rank:
+        raise ValueError(f"site {sc.name} refuses the run: {site_dir / SITE_TOML} sets "
+                         f"lora_rank = {sc.lora_rank}, above the run's LoRA rank "
+                         f"{cfg.lora_rank}; a site trains at the run's rank or below it: set "
+                         f"lora_rank to at most {cfg.lora_rank} (0 trains at the run's rank)")
+    if 0 < sc.lora_rank < cfg.lora_rank and freezes_lora_a(cfg.strategy):
+        raise ValueError(f"site {sc.name} refuses the run: {site_dir / SITE_TOML} sets "
+                         f"lora_rank = {sc.lora_rank} but the run's strategy {cfg.strategy} "
+                         f"keeps lora_A frozen at the run's rank {cfg.lora_rank}; set "
+                         f"lora_rank = 0 for this run, or run the federation with strategy "
+                         f"exact")
     run = cfg.replace(device=sc.device)  # the site's hardware is the site's decision
     if sc.synthetic:
         sim = _simulated_site(run, {keys.NODE_PARTITION_ID: index,

@@ -9,7 +9,7 @@ SuperNode through ``--node-config "site-dir='...'"``. Example::
     name = "hospital-a"
     data = "data/datalist.json"   # or a MedMNIST .npz, or "synthetic" (demo)
     device = "auto"
-    lora_rank = 0                 # 0: train at the run's rank
+    lora_rank = 0                 # 0: the run's rank; r: train at rank r (<= the run's)
     personalised_keys = []
     partition_id = 0
     num_sites = 3
@@ -88,8 +88,11 @@ class SiteConfig:
             to the site folder.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``. The site's own
             hardware: it overrides the run config's ``device``.
-        lora_rank: 0 to train at whatever rank the run uses, else the only LoRA rank
-            this site accepts; a run at another rank is refused.
+        lora_rank: 0 to train at whatever rank the run uses, else the LoRA rank this
+            site trains at (e.g. a small GPU): at most the run's rank; the site gets the
+            global adapter truncated to it (SVD) and replies zero-padded to the run's
+            rank (heterogeneous ranks, ``strategies.lora_math.change_rank``). A run of a
+            smaller rank, or an FFA-LoRA run (its frozen A has the run's rank), is refused.
         personalised_keys: Substrings of tensor names (e.g. ``head``) the site keeps
             to itself between rounds instead of taking the server's values.
         partition_id: The site's index in the federation (0-based), assigned by the
@@ -246,8 +249,8 @@ data = {_toml(cfg.data)}
 # auto (CUDA when available), cpu or cuda. Overrides the run's device at this site.
 device = {_toml(cfg.device)}
 
-# 0: train at the run's LoRA rank; > 0: the only rank this site accepts (a run at
-# another rank is refused).
+# 0: train at the run's LoRA rank; > 0: train at this smaller rank (e.g. a small GPU;
+# the run's rank or less; a run of a smaller rank, or an ffa-lora run, is refused).
 lora_rank = {cfg.lora_rank}
 
 # Substrings of tensor names the site keeps to itself between rounds, e.g. ["head"].

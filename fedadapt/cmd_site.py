@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(relative paths are relative to DIR)")
     i.add_argument("--device", default="auto", choices=DEVICES)
     i.add_argument("--lora-rank", type=int, default=0,
-                   help="0: the run's rank (default); else the only rank this site accepts")
+                   help="0: the run's rank (default); else the smaller rank this site trains at")
     i.add_argument("--personalised-keys", default="",
                    help="comma-separated tensor-name substrings kept local, e.g. head")
     i.add_argument("--partition-id", type=int, default=0, help="index of this site (0-based)")

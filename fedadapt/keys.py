@@ -41,6 +41,7 @@ DELTA: Final = "delta"
 STEPS: Final = "steps"
 SAMPLE_RATE: Final = "sample-rate"
 PARTITION_ID: Final = "partition-id"
+LORA_RANK: Final = "lora-rank"  # the LoRA rank the site trained at (its own, <= the run's)
 # The task's further evaluation metrics (``fedimaging.tasks.TaskScores``), by name:
 # classification and multilabel add balanced accuracy and ROC AUC; segmentation adds
 # the mean foreground Dice (EVAL_ACC is then the voxel accuracy).

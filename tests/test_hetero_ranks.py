@@ -1,4 +1,5 @@
-"""Heterogeneous LoRA ranks end to end: sites of ranks 8 and 4, exact aggregation."""
+"""Heterogeneous LoRA ranks end to end: simulated sites of ranks 8 and 4 (``site-ranks``)
+and a deployed site folder of rank 2 (its ``site.toml``), exact aggregation."""
 
 import json
 
@@ -6,9 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from client.site import _simulated_site
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from client.app import handle_evaluate, handle_train
+from client.site import _simulated_site, site_from_context
+from deploy.site_config import SiteConfig
+from deploy.site_folder import init_site
 from fedadapt import keys
 from fedadapt.config import ConfigError, RunConfig
+from server.app import build_server_app
 from simulations.runner import simulate
 from strategies.lora_math import LORA_A, LORA_B, change_rank, exact_aggregate, lora_pairs
 
@@ -69,22 +77,79 @@ def test_exact_aggregation_of_mixed_ranks_is_the_weighted_product_sum():
     assert torch.allclose(_update(agg, 8), target, rtol=1e-4, atol=1e-5)
 
 
+def _deployed(tmp_path, name="small-gpu", **kw):
+    d = tmp_path / name
+    init_site(d, SiteConfig(name=name, data="synthetic", partition_id=2, num_sites=3, **kw),
+              {"epsilon_cap": 100.0})
+    return d
+
+
+def test_deployed_site_trains_at_its_own_rank(tmp_path):
+    run = RunConfig(num_sites=3, lora_rank=8, strategy="exact").to_mapping()
+    node = {keys.NODE_SITE_DIR: str(_deployed(tmp_path, lora_rank=2))}
+    site = site_from_context(run, node)
+    assert site.lora_rank == 2 and site.model_spec().lora_rank == 2
+    assert site_from_context(run, {keys.NODE_SITE_DIR: str(_deployed(tmp_path, "any"))}
+                             ).lora_rank == 8  # lora_rank = 0: the run's rank
+
+
+def test_deployed_site_refuses_a_run_below_its_rank_or_ffa_lora(tmp_path):
+    node = {keys.NODE_SITE_DIR: str(_deployed(tmp_path, lora_rank=4))}
+    with pytest.raises(ValueError, match=r"small-gpu refuses the run: .*site.toml sets "
+                                         r"lora_rank = 4, above the run's LoRA rank 2; .* "
+                                         r"at most 2"):
+        site_from_context(RunConfig(num_sites=3, lora_rank=2).to_mapping(), node)
+    with pytest.raises(ValueError, match="strategy ffa-lora keeps lora_A frozen at the run's "
+                                         "rank 8; set lora_rank = 0 .* strategy exact"):
+        site_from_context(RunConfig(num_sites=3, strategy="ffa-lora").to_mapping(), node)
+
+
+DEPLOYED = 2  # partition 2 runs from a deployed site folder (site.toml lora_rank = 2)
+
+
+def _client_app(overrides: dict, folder: str) -> ClientApp:
+    """The site's real handlers; partition 2's SuperNode names its site folder, as
+    ``fedadapt site start`` does with ``--node-config site-dir=...``."""
+    app = ClientApp()
+
+    def _ctx(context: Context) -> Context:
+        if int(context.node_config[keys.NODE_PARTITION_ID]) == DEPLOYED:
+            context.node_config[keys.NODE_SITE_DIR] = folder
+        return context
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, _ctx(context), overrides)
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, _ctx(context), overrides)
+
+    return app
+
+
 @pytest.fixture(scope="module")
 def hetero_run(tmp_path_factory):
-    cfg = RunConfig(out_dir=str(tmp_path_factory.mktemp("hetero")), num_sites=2,
-                    num_server_rounds=2, site_train_size=64, site_test_size=32, dp=True,
-                    strategy="exact", site_ranks="8,4", local_epochs=1)
-    run_dir = simulate(cfg)
+    tmp = tmp_path_factory.mktemp("hetero")
+    folder = str(_deployed(tmp, lora_rank=2))
+    cfg = RunConfig(out_dir=str(tmp / "runs"), num_sites=3, num_server_rounds=2,
+                    site_train_size=64, site_test_size=32, dp=True, strategy="exact",
+                    site_ranks="8,4,8", local_epochs=1)
+    run_dir = simulate(cfg, apps=lambda ov, rd: (build_server_app(ov, rd),
+                                                 _client_app(ov, folder)))
     return cfg, run_dir, json.loads((run_dir / "summary.json").read_text())
 
 
-def test_ranks_8_and_4_federate_with_exact_aggregation(hetero_run):
+def test_ranks_8_4_and_deployed_2_federate_with_exact_aggregation(hetero_run):
     cfg, run_dir, summary = hetero_run
     for rnd in summary["rounds"]:
-        # Both sites trained (the rank-4 site loaded its rank-4 adapter strictly) and
-        # both replies passed validation (same names and shapes: the global rank).
-        assert len(rnd["train"]) == 2 and rnd["rejected"] == [] and rnd["failures"] == []
-        assert len(rnd["evaluate"]) == 2
+        # Every site trained (the smaller ones loaded their own-rank adapter strictly) and
+        # every reply passed validation (same names and shapes: the global rank).
+        assert len(rnd["train"]) == 3 and rnd["rejected"] == [] and rnd["failures"] == []
+        assert len(rnd["evaluate"]) == 3
+    # Each site reports the rank it trained at: site-ranks, and the deployed site.toml.
+    ranks = {name: info["lora_rank"] for name, info in summary["sites"].items()}
+    assert ranks == {"hospital-a": 8, "hospital-b": 4, "small-gpu": 2}, ranks
     resid = summary["strategy"]["exact_residual"]
     assert set(resid) == {"1", "2"} and all(0 <= v < 1 for v in resid.values())
     adapter = {}

@@ -219,11 +219,11 @@ def test_deployed_site_reads_medmnist_and_datalist_from_its_folder(tmp_path):
     assert test.tensors[1].tolist() == [1]
 
 
-def test_deployed_site_refuses_another_lora_rank_and_missing_data(tmp_path):
+def test_deployed_site_refuses_a_smaller_run_rank_and_missing_data(tmp_path):
     d = _site(tmp_path, data="synthetic", lora_rank=4)
-    with pytest.raises(ValueError, match="accepts only rank 4"):
-        site_from_context({**RUN, "lora-rank": 8}, {keys.NODE_SITE_DIR: str(d)})
-    assert site_from_context({**RUN, "lora-rank": 4}, {keys.NODE_SITE_DIR: str(d)}).name == "a"
+    with pytest.raises(ValueError, match="above the run's LoRA rank 2"):
+        site_from_context({**RUN, "lora-rank": 2}, {keys.NODE_SITE_DIR: str(d)})
+    assert site_from_context({**RUN, "lora-rank": 8}, {keys.NODE_SITE_DIR: str(d)}).lora_rank == 4
     e = _site(tmp_path, name="b", data="data/gone.npz")
     with pytest.raises(SiteConfigError, match="gone.npz not found"):
         site_from_context(RUN, {keys.NODE_SITE_DIR: str(e)})
