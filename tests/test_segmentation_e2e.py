@@ -3,7 +3,8 @@ apps, UNETR + LoRA trained with DP-SGD (Opacus) on MONAI DiceCELoss at every sit
 per site and for the federation in ``summary.json`` and ``report.html``.
 
 One tiny 2-D run (a synthetic hospital and a hospital reading NIfTI images and masks
-from a datalist) and one tiny 3-D run, each run once for the module.
+from a datalist), run once for the module; a tiny 3-D round through the ClientApp's
+handlers.
 """
 
 import json
@@ -18,12 +19,19 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client.app import handle_evaluate, handle_train
+from client.budget import provision_simulated_sites
+from fedadapt import keys
 from fedadapt.cli import main
+from fedadapt.cmd_simulate import _with_scenario
 from fedadapt.config import RunConfig
-from fedimaging.backbones import build_model, registry_base
+from fedimaging.backbones import build_model, registry_base, trainable_state
 from fedimaging.tasks import synthetic_segmentation
 from privacy.audit import audit_ledger
 from privacy.ledger import mechanism, read_entries
+from tests.flower_helpers import task_identity  # noqa: F401 (fixture)
 
 SIGMA = 1.2
 
@@ -135,7 +143,9 @@ def test_saved_adapter_loads_onto_the_backbone(run_2d):
         assert not torch.allclose(out, fresh(x))
 
 
-def test_3d_segmentation_run(tmp_path):
+def test_3d_segmentation_round_at_a_site(tmp_path, task_identity):
+    """A 16^3 UNETR round through the ClientApp's own handlers (guard, DP-SGD, ledger,
+    Dice), without the Simulation Engine: the server side is the 2-D run's."""
     (tmp_path / "tiny-3d.toml").write_text("""
 task = "segmentation"
 spatial_dims = 3
@@ -144,27 +154,48 @@ image_size = 16
 name = "a"
 train_size = 8
 test_size = 4
-[[site]]
-name = "b"
-train_size = 8
-test_size = 4
 shift = { intensity_scale = 0.8, noise_std = 0.1, blur_sigma = 0.5 }
 """)
-    run_dir, summary = _simulate(tmp_path, str(tmp_path / "tiny-3d.toml"))
-    assert summary["config"]["scenario"] == str(tmp_path / "tiny-3d.toml")
-    assert RunConfig.from_mapping(summary["config"]).model_spec().backbone == "unetr-3d"
-    for site in ("a", "b"):
-        info = summary["sites"][site]
-        assert 0.0 <= info["final_dice"] <= 1.0 and info["epsilon"] > 0
-    assert summary["rounds"][0]["dice"] is not None
+    cfg = _with_scenario(RunConfig(device="cpu", batch_size=4, local_epochs=1,
+                                   noise_multiplier=SIGMA, sites_dir=str(tmp_path / "sites")),
+                         str(tmp_path / "tiny-3d.toml"), weights_given=False)
+    spec = cfg.model_spec()
+    assert (spec.spatial_dims, spec.backbone, spec.backbone_weights) == (3, "unetr-3d", "random")
+    provision_simulated_sites(cfg, tmp_path / "sites", ["a"])
+    context = Context(run_id=1, node_id=1, node_config={keys.NODE_PARTITION_ID: 0},
+                      state=RecordDict(), run_config=cfg.to_mapping())
+    sent = ArrayRecord(trainable_state(build_model(spec)))
+    train_cfg = ConfigRecord({
+        keys.SERVER_ROUND: 1, keys.LOCAL_EPOCHS: 1, keys.LR: 0.05, keys.BATCH_SIZE: 4,
+        keys.DP_ENABLED: True, keys.NOISE_MULTIPLIER: SIGMA, keys.MAX_GRAD_NORM: 1.0})
+    reply = handle_train(Message(RecordDict({keys.ARRAYS: sent, keys.CONFIG: train_cfg}),
+                                 dst_node_id=1, message_type="train"), context)
+    assert reply.content[keys.STATUS][keys.STATE] == keys.STATE_OK
+    m = reply.content[keys.METRICS]
+    assert (m[keys.SAMPLE_RATE], m[keys.STEPS]) == (0.5, 2)
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    eps, _ = get_privacy_spent(orders=orders, delta=cfg.delta, rdp=compute_rdp(
+        q=0.5, noise_multiplier=SIGMA, steps=2, orders=orders))
+    assert m[keys.EPSILON] == pytest.approx(eps, rel=1e-9)
+    (ledger,) = (tmp_path / "sites" / "a" / "ledger").glob("*.jsonl")
+    assert audit_ledger(ledger).to_dict()["eps_spent"] == pytest.approx(eps, rel=1e-9)
+    trained = reply.content[keys.ARRAYS]
+    assert trained.keys() == sent.keys()
+    ev = handle_evaluate(Message(RecordDict({keys.ARRAYS: trained, keys.CONFIG: ConfigRecord(
+        {keys.SERVER_ROUND: 1})}), dst_node_id=1, message_type="evaluate"), context)
+    em = ev.content[keys.METRICS]
+    assert em[keys.NUM_EXAMPLES] == 4 and 0.0 <= em[keys.EVAL_METRICS["dice"]] <= 1.0
 
 
-def test_segmentation_refusals(tmp_path):
+def test_segmentation_refusals(tmp_path, capsys):
     # continual methods are classification-only; UNETR has no shipped checkpoint
     assert main(["simulate", "--scenario", "segmentation-2d", "--continual", "ewc"]) == 2
+    assert "continual methods are classification-only" in capsys.readouterr().err
     assert main(["simulate", "--scenario", "segmentation-2d",
                  "--backbone-weights", "builtin"]) == 2
+    assert "'unetr-2d' has none shipped" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"
     bad.write_text('task = "segmentation"\nimage_size = 24\n'
                    '[[site]]\nname = "a"\ntrain_size = 8\ntest_size = 4\n')
     assert main(["simulate", "--scenario", str(bad)]) == 2
+    assert "image_size 24 is not a multiple of UNETR's patch size 16" in capsys.readouterr().err
