@@ -31,7 +31,8 @@ def run(method: str, args: argparse.Namespace, out: Path) -> dict:
     cfg = RunConfig(scenario=args.scenario, continual=method, phases=args.phases,
                     num_server_rounds=args.phases * args.rounds_per_phase,
                     num_sites=args.sites, site_train_size=args.train_size,
-                    site_test_size=args.test_size, local_epochs=1, dp=not args.no_dp,
+                    site_test_size=args.test_size, local_epochs=args.local_epochs,
+                    replay_size=args.replay_size, dp=not args.no_dp,
                     epsilon_cap=1e6, cross_site_eval=False, seed=args.seed,
                     out_dir=str(out / method))
     summary = json.loads((simulate(cfg) / "summary.json").read_text())
@@ -48,6 +49,8 @@ def main() -> None:
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--train-size", type=int, default=192)
     p.add_argument("--test-size", type=int, default=96)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--replay-size", type=int, default=RunConfig().replay_size)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-dp", action="store_true")
     p.add_argument("--heatmaps", default="", help="folder to copy each method's R heatmap to")
@@ -72,7 +75,9 @@ def main() -> None:
     finally:
         shutil.rmtree(out, ignore_errors=True)
     print(f"scenario {args.scenario}, {args.phases} phases x {args.rounds_per_phase} rounds, "
-          f"{args.sites} sites, DP {'off' if args.no_dp else 'on'}, seed {args.seed}")
+          f"{args.sites} sites x {args.train_size} records, {args.local_epochs} local "
+          f"epoch(s), replay-size {args.replay_size}, DP {'off' if args.no_dp else 'on'}, "
+          f"seed {args.seed}")
     print(f"{'method':8s} {'ACC':>6s} {'BWT':>7s} {'forget':>7s}  R")
     for m, r in rows.items():
         print(f"{m:8s} {100 * r['ACC']:6.1f} {100 * r['BWT']:7.1f} {100 * r['forgetting']:7.1f}  "

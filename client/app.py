@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.budget import dataset_fingerprint, planned_round, site_dir
-from client.continual import ContinualRound, dp_diagonal_fisher, end_round, plan
+from client.continual import ContinualRound, dp_diagonal_fisher, end_round, plan, rehearsal
 from client.site import Site, set_threads, site_from_context
 from client.train import evaluate, evaluate_metrics, resolve_device, train
 from fedadapt import keys
@@ -26,7 +26,7 @@ from fedimaging.tasks import task_loss
 from privacy.accounting import Mechanism, epsilon
 from privacy.dp import DPRequest
 from privacy.guard import Decision, TrainRequest, is_budget_refusal, noise_for_target
-from privacy.site_budget import open_site_budget
+from privacy.site_budget import SiteBudget, open_site_budget
 from strategies import wire
 from strategies.lora_math import change_rank
 
@@ -108,9 +108,13 @@ def _teacher(site: Site, msg: Message, anchor: dict):
 
 
 def _dp_fisher(site: Site, context: Context, model, phase: int, req, *, run_id: str,
-               rnd: int) -> dict:
+               rnd: int) -> tuple[dict, float, SiteBudget]:
     """EWC's Fisher on the site's ``phase`` data, under DP and charged to that data's
-    ledger (guard first; a refusal refuses the round)."""
+    ledger (guard first; a refusal refuses the round).
+
+    Returns:
+        The Fisher, the data's total ε after it (0 without DP) and its budget.
+    """
     data, _ = site.datasets(phase)
     budget = open_site_budget(site_dir(site.name, site.run, context.node_config), site.name,
                               dataset_fingerprint(data), n_records=len(data))
@@ -122,9 +126,25 @@ def _dp_fisher(site: Site, context: Context, model, phase: int, req, *, run_id: 
     gen = torch.Generator().manual_seed(hash((site.run.seed, site.index, rnd, 7919)) % 2**31)
     fisher = dp_diagonal_fisher(model, data, clip_norm=request.clip_norm,
                                 noise_multiplier=sigma, generator=gen)
-    if sigma > 0:
-        budget.record(request, run_id=run_id, round=rnd)
-    return fisher
+    eps = budget.record(request, run_id=run_id, round=rnd) if sigma > 0 else 0.0
+    return fisher, eps, budget
+
+
+def _budgets(site: Site, context: Context, datasets) -> list[SiteBudget]:
+    """The budget (policy + ledger) of each distinct dataset a round draws records from."""
+    folder = site_dir(site.name, site.run, context.node_config)
+    out: dict[str, SiteBudget] = {}
+    for d in datasets:
+        fp = dataset_fingerprint(d)
+        if fp not in out:
+            out[fp] = open_site_budget(folder, site.name, fp, n_records=len(d))
+    return list(out.values())
+
+
+def _shared_fisher(msg: Message) -> dict | None:
+    """The server's aggregate of earlier phases' DP Fishers (site-incremental ewc)."""
+    rec = msg.content.array_records.get(keys.FISHER)
+    return None if rec is None else rec.to_torch_state_dict()
 
 
 def handle_train(msg: Message, context: Context,
@@ -143,7 +163,9 @@ def handle_train(msg: Message, context: Context,
     epochs, batch_size = int(req[keys.LOCAL_EPOCHS]), int(req[keys.BATCH_SIZE])
     phase = int(req.get(keys.PHASE, 0))
     cl = site.continual()
-    if cl is not None and site.index not in cl.active_sites(phase):
+    rehearsing = (cl is not None and cl.name == "site-incremental"
+                  and site.run.continual == "replay" and cl.join_phase(site.index) < phase)
+    if cl is not None and site.index not in cl.active_sites(phase) and not rehearsing:
         return _idle(msg, site)  # not this site's phase (site-incremental)
     run_id = str(msg.metadata.run_id)
     dp_on = bool(req[keys.DP_ENABLED])
@@ -151,19 +173,24 @@ def handle_train(msg: Message, context: Context,
     train_set, _ = site.datasets(phase)
     model = _model(site, msg)
     hooks = ContinualRound(train_set)
-    if cl is not None:
+    if rehearsing:  # site-incremental replay: an earlier site rehearses its reservoir
+        hooks = rehearsal(site, site.datasets(cl.join_phase(site.index))[0])
+    elif cl is not None:
         try:
             hooks = plan(site.run.continual, site, context, model, train_set, phase=phase,
                          fisher=lambda: _dp_fisher(site, context, model, phase - 1, req,
-                                                   run_id=run_id, rnd=rnd),
-                         teacher=lambda anchor: _teacher(site, msg, anchor))
+                                                   run_id=run_id, rnd=rnd)[0],
+                         teacher=lambda anchor: _teacher(site, msg, anchor),
+                         shared_fisher=_shared_fisher(msg))
         except _Refused as refused:
             return _refusal(msg, site, refused.decision, refused.cap)
-        train_set = hooks.train_set
+    train_set = hooks.train_set
     n = len(train_set)
-    budget = open_site_budget(site_dir(site.name, site.run, context.node_config), site.name,
-                              dataset_fingerprint(train_set), n_records=n)
-    policy = budget.policy
+    # Charged to the ledger of every dataset whose records the training set holds (a
+    # replay union: the current data's and each earlier phase's), so each ledger bounds
+    # the ε of its own records and the cap binds per record.
+    budgets = _budgets(site, context, hooks.ledgers)
+    policy = budgets[0].policy
     q, steps = planned_round(n, batch_size=batch_size, epochs=epochs)
     sigma = float(req[keys.NOISE_MULTIPLIER]) if dp_on else 0.0
     if dp_on and policy.target_epsilon_per_round > 0:
@@ -172,9 +199,10 @@ def handle_train(msg: Message, context: Context,
                                             delta=policy.delta, sample_rate=q, steps=steps,
                                             accountant=policy.accountant))
     request = TrainRequest(sigma, clip, q, steps)
-    decision = budget.decide(request, run_id=run_id)
-    if not decision.allowed:
-        return _refusal(msg, site, decision, policy.epsilon_cap)
+    for budget in budgets:
+        decision = budget.decide(request, run_id=run_id)
+        if not decision.allowed:
+            return _refusal(msg, site, decision, budget.policy.epsilon_cap)
     dp = DPRequest(sigma, request.clip_norm) if dp_on else None
     result = train(model, train_set, epochs=epochs, lr=float(req[keys.LR]),
                    batch_size=batch_size, device=resolve_device(site.run.device),
@@ -190,7 +218,7 @@ def handle_train(msg: Message, context: Context,
             raise RuntimeError(  # the guard priced another mechanism: withhold the update
                 f"site {site.name}: trained with q={result.sample_rate}, steps={result.steps} "
                 f"but the budget guard priced q={q}, steps={steps}; update withheld")
-        eps_total = budget.record(request, run_id=run_id, round=rnd)
+        eps_total = max(b.record(request, run_id=run_id, round=rnd) for b in budgets)
         eps_round = epsilon([Mechanism(sigma, q, steps)], delta=policy.delta,
                             accountant=policy.accountant)
     site.store_personal(trainable_state(model))  # kept at the site for the next round
@@ -207,6 +235,40 @@ def handle_train(msg: Message, context: Context,
         keys.STATUS: ConfigRecord({keys.SITE_ID: site.name, keys.STATE: keys.STATE_OK,
                                    keys.ACCOUNTANT: policy.accountant})})
     return Message(content=content, reply_to=msg)
+
+
+def handle_fisher(msg: Message, context: Context,
+                  run_config: Mapping[str, Any] | None = None) -> Message:
+    """The end-of-phase query of site-incremental ``ewc`` (FedCurv-style, Shoham et al.,
+    "Overcoming Forgetting in Federated Learning on Non-IID Data", 2019).
+
+    A site of the phase that ended computes the diagonal Fisher of the received global
+    adapter on its data under DP (clip + Gaussian noise), records it in that data's
+    ledger *before* replying (guard first: a refusal is a structured reply), and sends
+    it with its record count. Sites of other phases reply idle.
+    """
+    set_threads()
+    site = _site(context, run_config)
+    req = msg.content[keys.CONFIG]
+    phase = int(req[keys.PHASE])  # the phase that ended
+    cl = site.continual()
+    if cl is None or site.index not in cl.active_sites(phase):
+        return _idle(msg, site)
+    model = _model(site, msg)
+    try:
+        fisher, eps, budget = _dp_fisher(site, context, model, phase, req,
+                                         run_id=str(msg.metadata.run_id),
+                                         rnd=int(req[keys.SERVER_ROUND]))
+    except _Refused as refused:
+        return _refusal(msg, site, refused.decision, refused.cap)
+    data, _ = site.datasets(phase)
+    return Message(content=RecordDict({
+        keys.ARRAYS: ArrayRecord({n: t.contiguous() for n, t in fisher.items()}),
+        keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: len(data), keys.EPSILON: eps,
+                                    keys.EPSILON_CAP: budget.policy.epsilon_cap,
+                                    keys.PARTITION_ID: site.index}),
+        keys.STATUS: ConfigRecord({keys.SITE_ID: site.name, keys.STATE: keys.STATE_OK})}),
+        reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context,
@@ -265,6 +327,10 @@ def build_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     @client_app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, run_config)
+
+    @client_app.query(keys.QUERY_FISHER.split(".", 1)[1])
+    def _fisher(msg: Message, context: Context) -> Message:
+        return handle_fisher(msg, context, run_config)
 
     return client_app
 

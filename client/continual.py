@@ -6,14 +6,23 @@ first round of a new phase, the global adapter the site receives is the final mo
 the previous phase; it becomes the *anchor*:
 
 - ``ewc`` (Kirkpatrick et al., PNAS 2017): penalty λ/2 Σ F_i (θ_i − θ*_i)² towards the
-  anchor, with the diagonal Fisher F computed at the site on its previous phase's data
-  **under DP** (per-example clipping + Gaussian noise) and recorded in that dataset's
-  ledger, because the penalty shapes the update that leaves the site;
+  anchor, with the diagonal Fisher F computed **under DP** (per-example clipping +
+  Gaussian noise) and recorded in the ledger of the data it was computed on. In
+  domain-incremental a site computes F on its own previous phase's data and keeps it (the
+  penalty shapes the update that leaves the site). In site-incremental the sites of a
+  new phase hold no earlier data: FedCurv-style (Shoham et al., 2019), the sites of the
+  phase that ended each send a DP Fisher of their data to the server, which sums the
+  phases' size-weighted means (online EWC) and sends it with every round of the next
+  phases (``keys.FISHER``);
 - ``lwf`` (Li & Hoiem, TPAMI 2017): distillation from the anchor model on the current
   data, added to the per-example loss (so it is inside DP-SGD's clipping);
-- ``replay``: a bounded reservoir of the previous phase's records, kept at the site and
-  trained on with the current data (Poisson sampling over the union, which has its own
-  ledger: a replayed record's ε is the sum over the ledgers of the datasets it is in);
+- ``replay``: a bounded reservoir of earlier phases' records, kept at the site and
+  trained on with the current data (Poisson sampling over the union). In
+  site-incremental a site whose phase has ended keeps a reservoir of ``replay-size`` of
+  its records and *rehearses* it in the later phases' rounds (its other records are not
+  used again). Either way a round is charged to the ledger of every dataset whose records
+  the training set holds (``ContinualRound.sources``): a replayed record's ε is then
+  bounded by its own dataset's ledger, which the cap binds;
 - ``olora`` (Wang et al., EMNLP Findings 2023): keeps each phase's final LoRA A and
   penalises overlap Σ‖A_prev A_currᵀ‖² of the current A with them (data-free).
 
@@ -85,6 +94,14 @@ class ContinualRound:
     train_set: Dataset
     param_penalty: Callable[[], torch.Tensor] | None = None
     extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    #: The datasets whose records ``train_set`` holds; the round is charged to each one's
+    #: ledger. Empty means ``train_set`` alone.
+    sources: tuple[Dataset, ...] = ()
+
+    @property
+    def ledgers(self) -> tuple[Dataset, ...]:
+        """The datasets whose ledgers this round is charged to."""
+        return self.sources or (self.train_set,)
 
 
 def _arrays(context: Context, key: str) -> dict[str, torch.Tensor] | None:
@@ -113,7 +130,8 @@ def begin_phase(context: Context, model: nn.Module, *, phase: int) -> bool:
 
 def plan(method: str, site: Site, context: Context, model: nn.Module, train_set: Dataset, *,
          phase: int, fisher: Callable[[], dict[str, torch.Tensor]] | None,
-         teacher: Callable[[dict[str, torch.Tensor]], nn.Module]) -> ContinualRound:
+         teacher: Callable[[dict[str, torch.Tensor]], nn.Module],
+         shared_fisher: dict[str, torch.Tensor] | None = None) -> ContinualRound:
     """The round's training set and loss/penalty hooks for ``method``.
 
     Args:
@@ -126,6 +144,8 @@ def plan(method: str, site: Site, context: Context, model: nn.Module, train_set:
         fisher: Computes the DP Fisher of the previous phase (ewc), charging the
             site's ledger; called once per phase.
         teacher: Builds a frozen model holding the given trainable tensors (lwf).
+        shared_fisher: The server's aggregate of earlier phases' DP Fishers (ewc in
+            site-incremental); used instead of a locally computed one.
     """
     run = site.run
     new_phase = begin_phase(context, model, phase=phase)
@@ -134,6 +154,9 @@ def plan(method: str, site: Site, context: Context, model: nn.Module, train_set:
     if method == "naive" or anchor is None:
         return ContinualRound(train_set)
     if method == "ewc":
+        if shared_fisher is not None:
+            return ContinualRound(train_set, param_penalty=lambda: ewc_penalty(
+                model, shared_fisher, anchor, run.ewc_lambda))
         if new_phase and trained_before:
             assert fisher is not None
             context.state[_FISHER] = ArrayRecord(fisher())
@@ -169,9 +192,25 @@ def plan(method: str, site: Site, context: Context, model: nn.Module, train_set:
         if kept is None:
             return ContinualRound(train_set)
         cur_x, cur_y = train_set.tensors  # type: ignore[attr-defined]
+        # The reservoir may hold records of any earlier phase: charge all their ledgers.
+        earlier = tuple(site.datasets(k)[0] for k in range(phase))
         return ContinualRound(TensorDataset(torch.cat([cur_x, kept["x"]]),
-                                            torch.cat([cur_y, kept["y"]])))
+                                            torch.cat([cur_y, kept["y"]])),
+                              sources=(train_set, *earlier))
     raise ValueError(f"unknown continual method {method!r}")
+
+
+def rehearsal(site: Site, join_train: TensorDataset) -> ContinualRound:
+    """Site-incremental ``replay``: after its own phase, a site trains on a bounded,
+    seeded reservoir of ``replay-size`` of its records (charged to their dataset's ledger).
+
+    The reservoir is drawn by index with a seed (never by content), so it is the same at
+    every round and after a restart of the site.
+    """
+    buf = ReservoirBuffer(site.run.replay_size, seed=site.run.seed + 1000 * site.index)
+    buf.extend(*join_train.tensors)
+    x, y = buf.tensors()
+    return ContinualRound(TensorDataset(x, y), sources=(join_train,))
 
 
 def end_round(context: Context, *, phase: int) -> None:

@@ -202,10 +202,10 @@ class RunConfig:
             if self.scenario == "site-incremental" and self.num_sites < self.phases:
                 errors.append(f"site-incremental needs 'num-sites' >= 'phases' (one new site "
                               f"per phase), got {self.num_sites} < {self.phases}")
-            if self.scenario == "site-incremental" and self.continual in ("ewc", "replay"):
-                errors.append(f"'continual' {self.continual!r} needs sites that keep training "
-                              f"across phases (domain-incremental): in site-incremental the new "
-                              f"sites of a phase hold no earlier data; use lwf or olora")
+            if (self.scenario == "site-incremental" and self.continual == "ewc"
+                    and self.site_ranks.strip()):
+                errors.append("site-incremental 'ewc' sums the sites' Fishers at the server, "
+                              "which needs one LoRA rank: leave 'site-ranks' empty")
         need(self.site_noise_multiplier > 0, "site-noise-multiplier", "a positive number")
         need(self.site_clip_norm > 0, "site-clip-norm", "a positive number")
         need(self.min_train_sites >= 1, "min-train-sites", "an integer >= 1")

@@ -25,6 +25,12 @@ PHASE: Final = "phase"  # continual scenarios: the 0-based phase of the round
 FREEZE_LORA_A: Final = "freeze-lora-a"  # FFA-LoRA: sites keep lora_A at the shared seed
 PROXIMAL_MU: Final = "proximal-mu"  # FedProx μ (Flower's FedProx sets this key)
 WIRE_DTYPE: Final = "wire-dtype"  # dtype the site replies its tensors in (strategies.wire)
+# ArrayRecord sent with train messages of site-incremental ewc: the server's sum of the
+# earlier phases' DP diagonal Fishers (FedCurv-style, client/continual.py).
+FISHER: Final = "ewc-fisher"
+# Flower message type of the server's end-of-phase query for a site's DP Fisher
+# (``ClientApp.query("ewc_fisher")``).
+QUERY_FISHER: Final = "query.ewc_fisher"
 
 # --- MetricRecord replied by a site ----------------------------------------------
 NUM_EXAMPLES: Final = "num-examples"  # Flower's default weighting key

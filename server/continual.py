@@ -9,16 +9,82 @@ model gives the baseline b for FWT. Metrics: ``continual.metrics`` (Lopez-Paz & 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from flwr.app import Message
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from safetensors.torch import load_file, save_file
 
 from continual.report import continual_section, write_heatmap
 from fedadapt import keys
 from fedadapt.config import RunConfig
 
 HEATMAP = "continual_R.png"
+#: The server's running sum of the phases' DP Fishers (site-incremental ewc) after round
+#: N, kept in the run directory (and named in the checkpoint) so ``--resume`` does not ask
+#: (and charge) the sites again.
+FISHER_FILE = "continual_fisher-r{}.safetensors"
+
+
+def shares_fisher(cfg: RunConfig) -> bool:
+    """Whether the run collects DP Fishers at phase ends (site-incremental ``ewc``)."""
+    return cfg.scenario == "site-incremental" and cfg.continual == "ewc"
+
+
+def collect_fisher(grid: Grid, arrays: ArrayRecord, *, cfg: RunConfig, rnd: int,
+                   config: ConfigRecord, encode: Callable[[list[Message]], list[Message]],
+                   timeout: float) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """Ask every node for a DP Fisher of the phase that ended at round ``rnd``.
+
+    FedCurv-style (Shoham et al., 2019): each site of that phase computes the diagonal
+    Fisher of the global adapter ``arrays`` on its own data under DP and records it in its
+    ledger before replying; sites of other phases reply idle. The phase's Fisher is the
+    record-weighted mean of the replies.
+
+    Returns:
+        The phase's Fisher (None if no site sent one) and a report of who sent what
+        (``sites``: records and ε after the release; ``refused`` and ``failed``).
+    """
+    messages = [Message(RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config}),
+                        dst_node_id=node, message_type=keys.QUERY_FISHER, group_id=str(rnd))
+                for node in grid.get_node_ids()]
+    total: dict[str, torch.Tensor] = {}
+    weight = 0
+    report: dict[str, Any] = {"round": rnd, "phase": cfg.phase_of_round(rnd), "sites": {},
+                              "refused": [], "failed": []}
+    for reply in grid.send_and_receive(encode(messages), timeout=timeout):
+        if reply.has_error() or not reply.has_content() or keys.STATUS not in reply.content:
+            report["failed"].append({"node_id": reply.metadata.src_node_id, "reason": (
+                f"{reply.error.code}: {reply.error.reason}" if reply.has_error()
+                else "no content")})
+            continue
+        status, m = reply.content[keys.STATUS], reply.content[keys.METRICS]
+        state, site = str(status[keys.STATE]), str(status[keys.SITE_ID])
+        if state == keys.STATE_REFUSED:
+            report["refused"].append({"site": site, "reason": str(status[keys.REASON])})
+        elif state == keys.STATE_OK:
+            n = int(m[keys.NUM_EXAMPLES])
+            for name, t in reply.content[keys.ARRAYS].to_torch_state_dict().items():
+                total[name] = total.get(name, 0) + n * t.float()
+            weight += n
+            report["sites"][site] = {"num_examples": n, "epsilon": float(m[keys.EPSILON]),
+                                     "epsilon_cap": float(m[keys.EPSILON_CAP])}
+    if not weight:
+        return None, report
+    return {name: t / weight for name, t in total.items()}, report
+
+
+def save_fisher(run_dir: Path, fisher: dict[str, torch.Tensor], rnd: int) -> str:
+    """Write the running Fisher after round ``rnd`` atomically, before the checkpoint
+    that names it; returns the file name."""
+    name = FISHER_FILE.format(rnd)
+    tmp = run_dir / (name + ".tmp")
+    save_file({n: t.contiguous() for n, t in fisher.items()}, str(tmp))
+    os.replace(tmp, run_dir / name)
+    return name
 
 
 def phase_scores(replies: Iterable[Message], num_phases: int) -> list[float | None]:
@@ -43,14 +109,29 @@ class ContinualTracker:
         self.cfg = cfg
         self.baseline: list[float | None] | None = None
         self.rows: list[list[float | None]] = []
+        self.fisher_reports: list[dict[str, Any]] = []  # site-incremental ewc
+        self.fisher_file = ""  # the running Fisher's file in the run directory
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps (so ``--resume`` continues R where it was)."""
-        return {"baseline": self.baseline, "rows": self.rows}
+        return {"baseline": self.baseline, "rows": self.rows, "fisher": self.fisher_reports,
+                "fisher_file": self.fisher_file}
 
     def restore(self, state: dict[str, Any]) -> None:
         self.baseline = state.get("baseline")
         self.rows = [list(r) for r in state.get("rows", [])]
+        self.fisher_reports = list(state.get("fisher", []))
+        self.fisher_file = str(state.get("fisher_file", ""))
+
+    def fisher(self, run_dir: Path) -> dict[str, torch.Tensor] | None:
+        """The running Fisher named by the (restored) state, or None."""
+        if not self.fisher_file:
+            return None
+        path = run_dir / self.fisher_file
+        if not path.is_file():
+            raise FileNotFoundError(f"the checkpoint names the EWC Fisher {path}, which is "
+                                    "missing; restore it from a backup or start a new run")
+        return load_file(str(path))
 
     def phase_ends(self, rnd: int) -> bool:
         return rnd % self.cfg.rounds_per_phase == 0
@@ -75,4 +156,6 @@ class ContinualTracker:
                       title=f"{self.cfg.scenario}, {self.cfg.continual}")
         out["heatmap"] = HEATMAP
         out["baseline"] = self.baseline
+        if self.fisher_reports:
+            out["fisher"] = self.fisher_reports
         return out

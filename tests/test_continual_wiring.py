@@ -91,8 +91,8 @@ def test_tracker_builds_r_bwt_and_heatmap(tmp_path):
 @pytest.mark.parametrize("kw, fragment", [
     (dict(scenario="domain-incremental", phases=3, num_server_rounds=5), "multiple of 'phases'"),
     (dict(scenario="site-incremental", phases=3, num_server_rounds=3, num_sites=2), "num-sites"),
-    (dict(scenario="site-incremental", phases=3, num_server_rounds=3, continual="ewc"),
-     "domain-incremental"),
+    (dict(scenario="site-incremental", phases=3, num_server_rounds=3, num_sites=3,
+          continual="ewc", lora_rank=8, site_ranks="8,4,8"), "one LoRA rank"),
     (dict(continual="magic"), "'continual' must be one of"),
 ])
 def test_continual_config_errors(kw, fragment):
