@@ -1,10 +1,12 @@
-"""A federation with Byzantine sites: one replies NaNs, one a 100× scaled update.
+"""A federation with Byzantine sites: of six hospitals, one replies NaNs, one a 100× scaled
+update.
 
 The corruption is a test-only ClientApp (the real ``handle_train`` of the site, its reply
 then tampered with) passed to Flower's Simulation Engine through ``simulate(apps=...)``;
 nothing in the production apps knows about it. Update validation rejects both replies
 (non-finite values; norm > 10× the round's median) and records why in ``summary.json``;
-the trimmed mean of the rest keeps the federation learning.
+the trimmed mean of the rest keeps the federation learning, within 2 points of the same
+federation with all six sites honest (the issue's bar).
 """
 
 import json
@@ -21,7 +23,7 @@ from server.app import build_server_app
 from simulations.runner import simulate
 from strategies import wire
 
-NAN_SITE, SCALED_SITE = 2, 3  # the two smallest of the four hospitals
+NAN_SITE, SCALED_SITE = 4, 5  # the two smallest of the six hospitals
 
 
 def _byzantine_client_app(overrides: dict) -> ClientApp:
@@ -49,7 +51,7 @@ def _byzantine_client_app(overrides: dict) -> ClientApp:
     return app
 
 
-CFG = dict(num_sites=4, num_server_rounds=2, site_train_size=96, site_test_size=96, dp=False,
+CFG = dict(num_sites=6, num_server_rounds=2, site_train_size=96, site_test_size=96, dp=False,
            local_epochs=2, strategy="trimmed-mean", cross_site_eval=False)
 
 
@@ -71,7 +73,7 @@ def test_both_byzantine_sites_are_rejected_every_round(byzantine_run):
     _, summary = byzantine_run
     names = {v["partition_id"]: k for k, v in summary["sites"].items()}
     for rnd in summary["rounds"]:
-        assert len(rnd["train"]) == 4 and rnd["failures"] == []
+        assert len(rnd["train"]) == 6 and rnd["failures"] == []
         why = {r["site"]: r["reason"] for r in rnd["rejected"]}
         assert set(why) == {names[NAN_SITE], names[SCALED_SITE]}, rnd["rejected"]
         assert "non-finite" in why[names[NAN_SITE]]
@@ -85,12 +87,12 @@ def test_federation_still_learns(byzantine_run):
     assert accs[-1] > 1.0 / cfg.num_classes + 0.1, accs
 
 
-def test_accuracy_close_to_the_clean_run(byzantine_run, clean_run):
-    """The same federation with all four sites honest. Rejecting two of four sites loses
-    their data: measured 2.2–3.0 points below the clean run (the issue's goal is 2
-    points; not met with half the sites Byzantine), so the bound checked is 5 points."""
+def test_accuracy_within_2_points_of_the_clean_run(byzantine_run, clean_run):
+    """The same federation with all six sites honest (the attackers' data included).
+    Measured: 0.963 vs 0.958 (seed 0) and 0.970 vs 0.960 (seed 1). With four sites, two
+    of them Byzantine, losing half the sites' data cost 2.2–3.0 points."""
     _, summary = byzantine_run
     clean = clean_run["rounds"][-1]["accuracy"]
-    assert clean_run["rounds"][-1]["rejected"] == []
-    assert abs(summary["rounds"][-1]["accuracy"] - clean) <= 0.05, (
+    assert all(r["rejected"] == [] for r in clean_run["rounds"])
+    assert abs(summary["rounds"][-1]["accuracy"] - clean) <= 0.02, (
         summary["rounds"][-1]["accuracy"], clean)
