@@ -17,11 +17,11 @@ from flwr.serverapp import Grid, ServerApp
 from fedadapt import keys
 from fedadapt.config import RunConfig
 from fedimaging.backbones import build_model, trainable_state
-from server.checkpoint import resume, save_checkpoint
+from server.checkpoint import EVALUATED, NODE_SITES, resume, save_checkpoint
 from server.continual import ContinualTracker
 from server.cross_site import MAX_SITES, cross_site_eval
 from server.progress import Progress
-from server.record import RunLog
+from server.record import RoundLog, RunLog
 from server.rundir import SCHEMA, new_run_dir, save_adapter, write_json_atomic
 from server.report_hook import write_report
 from server.tracking import track_round
@@ -41,6 +41,56 @@ def _state(reply: Message) -> str | None:
 
 def _ok(reply: Message) -> bool:
     return _state(reply) == keys.STATE_OK
+
+
+def _exchange(grid: Grid, messages: list[Message], rlog: RoundLog, stage: str,
+              node_sites: dict[int, str]) -> list[Message]:
+    """Send ``messages``; return the replies that are not errors, record the others.
+
+    A site that dies mid-round never replies. Flower's SuperLink answers in its place with
+    an error (``NODE_UNAVAILABLE``) once the node has missed its heartbeats (every ~20 s,
+    offline after 2 × 30 s in flwr 1.41, ``flwr/server/superlink/linkstate/utils.py``); a
+    reply still missing after ``ROUND_TIMEOUT_S`` is a failure too. Both go to
+    ``rlog.failures`` with the node the message went to and that site's name when it has
+    replied before (``node_sites``, which this fills from every site's status).
+    """
+    replies = list(grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S))
+    dst = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
+           if m.metadata.message_id}  # the Grid sets message ids as it pushes
+    answered, ok = set(), []
+    for reply in replies:
+        answered.add(reply.metadata.reply_to_message_id)
+        node = dst.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        if reply.has_error():  # from the site's ClientApp, or from the SuperLink for it
+            rlog.failures.append({"node_id": node, "site": node_sites.get(node),
+                                  "stage": stage,
+                                  "reason": f"{reply.error.code}: {reply.error.reason}"})
+            continue
+        if reply.has_content() and keys.STATUS in reply.content:
+            node_sites[reply.metadata.src_node_id] = str(
+                reply.content[keys.STATUS][keys.SITE_ID])
+        ok.append(reply)
+    for mid, node in dst.items():
+        if mid not in answered:
+            rlog.failures.append({"node_id": node, "site": node_sites.get(node),
+                                  "stage": stage,
+                                  "reason": f"no reply within {ROUND_TIMEOUT_S:.0f} s"})
+    return ok
+
+
+def _go_on_without_dead_sites(strategy: Any, fewest: int) -> None:
+    """Let later rounds go on with the sites that are online.
+
+    ``build_strategy`` sets Flower's ``min_available_nodes`` to ``num-sites``, so a run
+    starts only once every site has joined. Flower's ``sample_nodes`` waits for that many
+    online nodes before every round, so a site that dies mid-run (its node marked offline)
+    would stall the federation until it rejoins. Once a run's first round is configured,
+    a round needs only ``fewest`` (min-train-sites) online sites.
+    """
+    while strategy is not None:
+        if "min_available_nodes" in vars(strategy):
+            strategy.min_available_nodes = fewest
+        strategy = vars(strategy).get("inner")
 
 
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
@@ -75,6 +125,12 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     ck = None
     if cfg.resume_from:
         arrays, first, ck = resume(cfg, strategy, log)
+    # Node id → site name of every site that replied, kept in the checkpoint: a resumed
+    # run does not ask again a site whose budget is spent (node ids are stable per
+    # registered key; a site that comes back with another id is asked and refuses once).
+    node_sites: dict[int, str] = dict(ck.extra.get(NODE_SITES, {})) if ck else {}
+    if ck is not None:
+        spent_nodes |= {n for n, s in node_sites.items() if s in ck.spent_sites}
     tracker = ContinualTracker(cfg) if cfg.is_continual else None
     if tracker is not None and cfg.resume_from:
         tracker.restore(ck.extra.get("continual", {}))
@@ -86,6 +142,31 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             encode_messages(strategy.configure_evaluate(1, arrays, base_cfg, grid),
                             cfg.wire_dtype),
             timeout=ROUND_TIMEOUT_S) if _ok(r)])
+
+    def evaluate(rnd: int, rlog: RoundLog) -> list[Message]:
+        """Evaluate the global adapter after ``rnd`` at every site; record the metrics."""
+        eval_cfg = ConfigRecord({keys.SERVER_ROUND: rnd, keys.FREEZE_LORA_A: frozen_a,
+                                 keys.PHASE: cfg.phase_of_round(rnd)})
+        messages = encode_messages(strategy.configure_evaluate(rnd, arrays, eval_cfg, grid),
+                                   cfg.wire_dtype)
+        log.sent(rlog, messages)
+        evaluated = []
+        for reply in _exchange(grid, messages, rlog, "evaluate", node_sites):
+            if _ok(reply):
+                log.evaluated(rlog, reply)
+                evaluated.append(reply)
+            else:
+                log.failed(rlog, reply, "evaluate")
+        return evaluated
+
+    if ck is not None and not ck.extra.get(EVALUATED, True):
+        # The server died after aggregating round ck.round, before evaluating it: its
+        # training (and the sites' spending) stands; only its evaluation runs again.
+        evaluate(ck.round, log.rounds[-1])
+        progress.round(log.rounds[-1])
+        track_round(cfg, run_dir, log.rounds[-1])
+        save_checkpoint(run_dir, cfg, ck.round, arrays, strategy, log, started=started,
+                        extra={NODE_SITES: node_sites})
     for rnd in range(first, cfg.num_server_rounds + 1):
         rlog = log.new_round(rnd)
         train_cfg[keys.SERVER_ROUND] = rnd
@@ -93,13 +174,14 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         # Sites whose budget is spent are not asked again in this run.
         messages = [m for m in strategy.configure_train(rnd, arrays, train_cfg, grid)
                     if m.metadata.dst_node_id not in spent_nodes]
+        _go_on_without_dead_sites(strategy, cfg.min_train_sites)  # all sites joined
         messages = encode_messages(messages, cfg.wire_dtype)  # 16-bit transport, if asked
         if not messages:
             stopped = f"every site's privacy budget was spent before round {rnd}"
             log.rounds.pop()
             break
         log.sent(rlog, messages)
-        replies = list(grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S))
+        replies = _exchange(grid, messages, rlog, "train", node_sites)
         good = []
         for reply in replies:
             state = _state(reply)
@@ -125,24 +207,17 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         rlog.rejected.extend(getattr(strategy, "rejected", {}).get(rnd, []))
         if new_arrays is not None:
             arrays = new_arrays
-        eval_cfg = ConfigRecord({keys.SERVER_ROUND: rnd, keys.FREEZE_LORA_A: frozen_a,
-                                 keys.PHASE: cfg.phase_of_round(rnd)})
-        messages = encode_messages(strategy.configure_evaluate(rnd, arrays, eval_cfg, grid),
-                                   cfg.wire_dtype)
-        log.sent(rlog, messages)
-        evaluated = []
-        for reply in grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S):
-            if _ok(reply):
-                log.evaluated(rlog, reply)
-                evaluated.append(reply)
-            else:
-                log.failed(rlog, reply, "evaluate")
+        if tracker is None:  # the sites have spent for rnd: a crash from here resumes after it
+            save_checkpoint(run_dir, cfg, rnd, arrays, strategy, log, started=started,
+                            extra={NODE_SITES: node_sites, EVALUATED: False})
+        evaluated = evaluate(rnd, rlog)
         if tracker is not None:
             tracker.evaluated(rnd, evaluated)
         progress.round(rlog)
         track_round(cfg, run_dir, rlog)  # TensorBoard / MLflow, if the run config asks
         save_checkpoint(run_dir, cfg, rnd, arrays, strategy, log, started=started,
-                        extra={"continual": tracker.state()} if tracker is not None else None)
+                        extra={NODE_SITES: node_sites, **(
+                            {"continual": tracker.state()} if tracker is not None else {})})
     cross = None
     if cfg.cross_site_eval and last_local and len(log.sites) <= MAX_SITES:
         cross = cross_site_eval(

@@ -1,8 +1,11 @@
 """Server checkpoints: what a crashed server needs to continue a run where it stopped.
 
-After every completed round the server writes ``<run dir>/checkpoint.pt`` atomically
-(temporary file, fsync, rename, fsync of the folder): a crash leaves either the previous
-checkpoint or the new one, never half of one. It holds
+After every round the server writes ``<run dir>/checkpoint.pt`` atomically (temporary
+file, fsync, rename, fsync of the folder): a crash leaves either the previous checkpoint
+or the new one, never half of one. It writes it twice a round: once the round's updates
+are aggregated (``extra[EVALUATED]`` False: the sites have spent their budget for it, so
+a crash during its evaluation must not train it again; a resume only re-runs the
+evaluation) and once it is evaluated. It holds
 
 * the run config (a resumed run must use the same one),
 * the last completed round and the global adapter arrays after it,
@@ -12,7 +15,10 @@ checkpoint or the new one, never half of one. It holds
   Models", ICLR 2018), exact-aggregation residuals and validation rejections,
 * the :class:`server.record.RunLog` so far (rounds, sites, refusals, wire tensors),
 * the sites whose budget is spent, by site name (node ids change across restarts),
-* ``extra``: a free dict for other server state (e.g. continual-learning phases).
+* ``extra``: a free dict for other server state: continual-learning phases, whether
+  the round was evaluated (:data:`EVALUATED`), and the site name of each node id that
+  replied (:data:`NODE_SITES`), so that a resumed run does not ask again a site whose
+  budget is spent.
 
 It is a ``torch.save`` of plain containers and tensors, read back with
 ``torch.load(weights_only=True)``: loading a checkpoint never runs pickled code.
@@ -39,6 +45,9 @@ FORMAT = "fedadapt.checkpoint/1"
 FILENAME = "checkpoint.pt"
 # Keys a resumed run may change: where it resumes from, and how many rounds it runs in all.
 RESUMABLE_KEYS = ("resume-from", "num-server-rounds")
+# Keys of ``extra`` the round loop writes (server/app.py).
+EVALUATED = "evaluated"  # False: written after aggregation, before the round's evaluation
+NODE_SITES = "node_sites"  # {node id: site name} of every site that replied
 
 
 class CheckpointError(ValueError):
