@@ -17,7 +17,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedadapt import keys
 from fedadapt.config import RunConfig
 from fedimaging.backbones import build_model, trainable_state
-from server.checkpoint import EVALUATED, NODE_SITES, resume, save_checkpoint
+from server.checkpoint import (EVALUATED, NODE_SITES, resume, save_checkpoint,
+                               spent_node_ids)
 from server.continual import ContinualTracker
 from server.cross_site import MAX_SITES, cross_site_eval
 from server.progress import Progress
@@ -130,7 +131,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     # registered key; a site that comes back with another id is asked and refuses once).
     node_sites: dict[int, str] = dict(ck.extra.get(NODE_SITES, {})) if ck else {}
     if ck is not None:
-        spent_nodes |= {n for n, s in node_sites.items() if s in ck.spent_sites}
+        spent_nodes |= spent_node_ids(ck)
     tracker = ContinualTracker(cfg) if cfg.is_continual else None
     if tracker is not None and cfg.resume_from:
         tracker.restore(ck.extra.get("continual", {}))

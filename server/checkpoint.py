@@ -243,6 +243,17 @@ def check_config(ck: Checkpoint, cfg: RunConfig, where: Path) -> None:
                               f"{checkpoint_path(where)} has already completed round {ck.round}")
 
 
+def spent_node_ids(ck: Checkpoint) -> set[int]:
+    """Node ids (as last seen, :data:`NODE_SITES`) of the sites whose budget is spent.
+
+    Flower 1.41 keys a registered SuperNode's id by its authentication key, so a site
+    that restarts keeps its id and a resumed run does not ask it again; a site that comes
+    back with another key is asked once, and refuses (its ledger, not this, is binding).
+    """
+    spent = set(ck.spent_sites)
+    return {int(n) for n, site in ck.extra.get(NODE_SITES, {}).items() if site in spent}
+
+
 def resume(cfg: RunConfig, strategy: Any, log: RunLog) -> tuple[ArrayRecord, int, Checkpoint]:
     """Load ``cfg.resume_from``'s checkpoint into ``strategy`` and ``log``.
 

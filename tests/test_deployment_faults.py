@@ -33,13 +33,15 @@ import time
 from pathlib import Path
 
 import pytest
+from flwr.app import Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
 from server.checkpoint import EVALUATED
+from tests.flower_helpers import task_identity  # noqa: F401 (fixture)
 from tests.process_helpers import BIN, CONNECTION, Federation, kill, wait_for
 
-pytestmark = [pytest.mark.heavy,
-              pytest.mark.skipif(not (BIN / "flower-superlink").exists(),
-                                 reason="flower-superlink not installed next to python")]
+needs_flower = pytest.mark.skipif(not (BIN / "flower-superlink").exists(),
+                                  reason="flower-superlink not installed next to python")
 
 SITES = ("a", "b", "c")
 # Tiny rounds (≈10 training images a site, one DP-SGD step); no shipped weights in the FAB.
@@ -116,6 +118,8 @@ def scenario(tmp_path_factory) -> dict:
             "summary": json.loads((run_dir / "summary.json").read_text())}
 
 
+@pytest.mark.heavy
+@needs_flower
 def test_dead_site_round_completes_with_the_others(scenario):
     """Round 1 trained a and b; c's failure is recorded with its node id, as the
     SuperLink reported it (code 5 is Flower's NODE_UNAVAILABLE)."""
@@ -128,6 +132,8 @@ def test_dead_site_round_completes_with_the_others(scenario):
         failures[0]["reason"]
 
 
+@pytest.mark.heavy
+@needs_flower
 def test_server_killed_after_aggregation_resumes_without_training_it_again(scenario):
     ck, ledgers = scenario["ck"], scenario["ledgers_at_kill"]
     # written after aggregation, before evaluation: the resumed run only evaluates round 1
@@ -142,6 +148,8 @@ def test_server_killed_after_aggregation_resumes_without_training_it_again(scena
     assert summary["rounds"][0]["train"] == ck.log.rounds[0].train
 
 
+@pytest.mark.heavy
+@needs_flower
 def test_no_ledger_records_a_round_twice(scenario):
     fed, before = scenario["fed"], scenario["ledgers_at_kill"]
     first_run = {e["run_id"] for s in SITES for e in before[s]}
@@ -155,6 +163,8 @@ def test_no_ledger_records_a_round_twice(scenario):
         assert entries[-1]["run_id"] not in first_run
 
 
+@pytest.mark.heavy
+@needs_flower
 def test_resumed_summary_has_every_round_and_the_rejoined_site(scenario):
     summary = scenario["summary"]
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
@@ -167,3 +177,68 @@ def test_resumed_summary_has_every_round_and_the_rejoined_site(scenario):
     assert summary["sites"]["c"]["rounds_trained"] == 1
     # c came back with the same key, hence the same node id (Flower keys nodes by it)
     assert scenario["rejoined"] == scenario["dead"]
+
+
+# --- the server's side of it, without processes -------------------------------------
+
+
+class _Grid:
+    """Answers the first message with the SuperLink's NODE_UNAVAILABLE error, as for a
+    dead node, and the others not at all (as when ROUND_TIMEOUT_S runs out)."""
+
+    def send_and_receive(self, messages, timeout=None):
+        for i, m in enumerate(messages):  # as Flower's Grid does when it pushes
+            m.metadata.__dict__["_message_id"] = f"m{i}"
+        return [Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"),
+                        reply_to=messages[0])]
+
+
+def test_dead_and_silent_sites_are_failures_of_their_node_and_site(task_identity):
+    from server.app import ROUND_TIMEOUT_S, _exchange
+    from server.record import RoundLog
+
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (7, 8)]
+    rlog = RoundLog(1)
+    assert _exchange(_Grid(), messages, rlog, "train", {7: "c"}) == []
+    assert rlog.failures == [
+        {"node_id": 7, "site": "c", "stage": "train", "reason": "5: Node Unavailable"},
+        {"node_id": 8, "site": None, "stage": "train",
+         "reason": f"no reply within {ROUND_TIMEOUT_S:.0f} s"}]
+
+
+def test_after_the_first_round_no_round_waits_for_every_site():
+    from fedadapt.config import RunConfig
+    from server.app import _go_on_without_dead_sites
+    from strategies.factory import build_strategy
+
+    cfg = RunConfig(num_sites=3, site_dp=True, min_train_sites=2)
+    strategy = build_strategy(cfg.strategy, cfg)
+    chain, s = [], strategy
+    while s is not None:
+        chain.append(s)
+        s = vars(s).get("inner")
+    waits = [s for s in chain if "min_available_nodes" in vars(s)]
+    assert waits and all(s.min_available_nodes == 3 for s in waits)  # a run starts with all
+    _go_on_without_dead_sites(strategy, cfg.min_train_sites)
+    assert all(s.min_available_nodes == 2 for s in waits)
+
+
+def test_spent_sites_survive_a_resume_by_name(tmp_path):
+    """The checkpoint keeps node id → site name; a resumed run skips the spent site."""
+    import torch
+    from flwr.app import ArrayRecord
+
+    from fedadapt.config import RunConfig
+    from server.checkpoint import NODE_SITES, load_checkpoint, save_checkpoint, spent_node_ids
+    from server.record import RunLog
+    from strategies.factory import build_strategy
+
+    log = RunLog()
+    log.new_round(1).refusals.append({"site": "c", "node_id": 9, "budget_spent": True})
+    log.rounds[0].refusals.append({"site": "b", "node_id": 8, "budget_spent": False})
+    cfg = RunConfig()
+    save_checkpoint(tmp_path, cfg, 1, ArrayRecord({"w": torch.zeros(2)}),
+                    build_strategy(cfg.strategy, cfg), log, started=0.0,
+                    extra={NODE_SITES: {7: "a", 8: "b", 9: "c"}})
+    ck = load_checkpoint(tmp_path)
+    assert ck.spent_sites == ["c"] and spent_node_ids(ck) == {9}
