@@ -271,12 +271,22 @@ class RunConfig:
 
     @property
     def task(self) -> tuple[str, int]:
-        """``(task, spatial_dims)`` of the run: its scenario's, else 2-D classification."""
+        """``(task, spatial_dims)`` of the run: its scenario's, else 2-D classification.
+
+        Raises:
+            ConfigError: If ``image-size`` or ``num-classes`` differ from the scenario's
+                (``fedadapt simulate --scenario`` copies them; ``flwr run`` must set them).
+        """
         if not self.scenario or self.is_continual:
             return "classification", 2
         from fedimaging.scenario import load_scenario
 
         sc = load_scenario(self.scenario)
+        if (self.image_size, self.num_classes) != (sc.image_size, sc.num_classes):
+            raise ConfigError(f"scenario {self.scenario!r} has image_size={sc.image_size}, "
+                              f"num_classes={sc.num_classes} but the run config has "
+                              f"image-size={self.image_size}, num-classes={self.num_classes}; "
+                              "set them to the scenario's")
         return sc.task, sc.spatial_dims
 
     def rank_of_site(self, index: int) -> int:

@@ -199,3 +199,6 @@ def test_segmentation_refusals(tmp_path, capsys):
                    '[[site]]\nname = "a"\ntrain_size = 8\ntest_size = 4\n')
     assert main(["simulate", "--scenario", str(bad)]) == 2
     assert "image_size 24 is not a multiple of UNETR's patch size 16" in capsys.readouterr().err
+    # flwr run: the run config must agree with the scenario it names
+    with pytest.raises(ValueError, match="num_classes=2 but the run config has .*num-classes=3"):
+        RunConfig(scenario="segmentation-2d", backbone_weights="random").model_spec()
