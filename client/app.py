@@ -125,7 +125,7 @@ def _dp_fisher(site: Site, context: Context, model, phase: int, req, *, run_id: 
         raise _Refused(decision, budget.policy.epsilon_cap)
     gen = torch.Generator().manual_seed(hash((site.run.seed, site.index, rnd, 7919)) % 2**31)
     fisher = dp_diagonal_fisher(model, data, clip_norm=request.clip_norm,
-                                noise_multiplier=sigma, generator=gen)
+                                noise_multiplier=sigma, generator=gen, per_tensor=sigma > 0)
     eps = budget.record(request, run_id=run_id, round=rnd) if sigma > 0 else 0.0
     return fisher, eps, budget
 

@@ -54,14 +54,21 @@ _REPLAY = "cl-replay"  # ArrayRecord {"x", "y"}: the site's replay buffer
 
 
 def dp_diagonal_fisher(model: nn.Module, dataset: Dataset, *, clip_norm: float,
-                       noise_multiplier: float, generator: torch.Generator
-                       ) -> dict[str, torch.Tensor]:
+                       noise_multiplier: float, generator: torch.Generator,
+                       per_tensor: bool = False) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher under the Gaussian mechanism.
 
     Each example's gradient g of log p(y|x) is clipped to L2 norm C; the sum of g² has
     L2 sensitivity ‖g²‖₂ ≤ ‖g‖₂² ≤ C² to adding or removing an example, so Gaussian
     noise of std σ·C² makes the release (σ, q = 1, one step) DP. The noisy sum is
     divided by N (taken as public) and clamped at 0.
+
+    Per coordinate the noise σC²/N swamps a signal of about C²/(N·D) once D (the number
+    of trainable coordinates, ~1e5) is much larger than N/σ. With ``per_tensor`` the
+    release is instead one sum per tensor t, s_t = Σ_{i∈t} g_i² (still ‖s‖₂ ≤ Σ_t s_t =
+    ‖g‖² ≤ C², the same sensitivity), and each coordinate of t gets s_t/(N·|t|): a
+    block-constant Fisher with T ≈ 20 noisy numbers instead of D, which is what DP can
+    afford to measure.
     """
     params = trainable_params(model)
     names = list(params)
@@ -83,8 +90,24 @@ def dp_diagonal_fisher(model: nn.Module, dataset: Dataset, *, clip_norm: float,
     if n == 0:
         raise ValueError("EWC Fisher needs at least one record; the site's data is empty")
     std = noise_multiplier * clip_norm ** 2
+    if per_tensor:
+        sums = torch.stack([t.sum() for t in total.values()])
+        noisy = sums + torch.normal(0.0, std, size=sums.shape, generator=generator)
+        return {m: torch.full_like(t, float(v) / (n * t.numel())).clamp_min(0)
+                for (m, t), v in zip(total.items(), noisy)}
     return {m: ((t + torch.normal(0.0, std, size=t.shape, generator=generator)) / n).clamp_min(0)
             for m, t in total.items()}
+
+
+def normalised(fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The Fisher scaled so that its largest coordinate is 1 (post-processing: free under
+    DP). ``ewc-lambda`` then does not depend on the clip norm, the noise or the model
+    size, and the explicit penalty step θ ← θ − lr·λ·F̂·(θ − θ*) is stable for every
+    coordinate when lr·λ < 2. An all-zero Fisher stays zero."""
+    top = max((float(t.max()) for t in fisher.values() if t.numel()), default=0.0)
+    if top <= 0:
+        return {m: torch.zeros_like(t) for m, t in fisher.items()}
+    return {m: t / top for m, t in fisher.items()}
 
 
 @dataclass
@@ -155,14 +178,16 @@ def plan(method: str, site: Site, context: Context, model: nn.Module, train_set:
         return ContinualRound(train_set)
     if method == "ewc":
         if shared_fisher is not None:
+            shared = normalised(shared_fisher)
             return ContinualRound(train_set, param_penalty=lambda: ewc_penalty(
-                model, shared_fisher, anchor, run.ewc_lambda))
+                model, shared, anchor, run.ewc_lambda))
         if new_phase and trained_before:
             assert fisher is not None
             context.state[_FISHER] = ArrayRecord(fisher())
         f = _arrays(context, _FISHER)
         if f is None:
             return ContinualRound(train_set)
+        f = normalised(f)
         return ContinualRound(train_set, param_penalty=lambda: ewc_penalty(
             model, f, anchor, run.ewc_lambda))
     if method == "olora":

@@ -76,8 +76,8 @@ class RunConfig:
             (``site-incremental`` or ``domain-incremental``): naive, ewc, lwf, replay or
             olora (``continual/``).
         phases: Phases of a continual scenario; ``num-server-rounds`` is split evenly.
-        ewc_lambda: EWC strength λ (Kirkpatrick et al. 2017); the empirical Fisher of
-            the small default model is ~1e-5 per coordinate, hence the large default.
+        ewc_lambda: EWC strength λ (Kirkpatrick et al. 2017) on the Fisher scaled to a
+            largest coordinate of 1; the penalty step is stable while lr·λ < 2.
         ewc_clip: Per-example gradient clip C of the DP Fisher; its noise std on the
             mean is σ·C²/N, so C is kept small for a usable signal-to-noise ratio.
         lwf_alpha: Weight of LwF's distillation loss (Li & Hoiem 2017).
@@ -131,7 +131,7 @@ class RunConfig:
     cross_site_eval: bool = True
     continual: str = "naive"
     phases: int = 3
-    ewc_lambda: float = 20000.0
+    ewc_lambda: float = 10.0
     ewc_clip: float = 0.05
     lwf_alpha: float = 1.0
     olora_lambda: float = 1.0
@@ -191,6 +191,10 @@ class RunConfig:
              f"one of {', '.join(CONTINUAL_METHODS)}")
         need(self.phases >= 2, "phases", "an integer >= 2")
         need(self.ewc_lambda >= 0, "ewc-lambda", "a number >= 0")
+        if self.continual == "ewc" and self.lr * self.ewc_lambda >= 2:
+            errors.append(f"'lr' x 'ewc-lambda' = {self.lr * self.ewc_lambda:g} >= 2: the EWC "
+                          "penalty step would diverge; lower 'ewc-lambda' below "
+                          f"{2 / self.lr:g}")
         need(self.ewc_clip > 0, "ewc-clip", "a positive number")
         need(self.lwf_alpha >= 0, "lwf-alpha", "a number >= 0")
         need(self.olora_lambda >= 0, "olora-lambda", "a number >= 0")

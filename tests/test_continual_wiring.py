@@ -7,7 +7,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from client.continual import dp_diagonal_fisher
+from client.continual import dp_diagonal_fisher, normalised
 from client.site import site_from_context
 from continual.ewc import diagonal_fisher
 from fedadapt import keys
@@ -57,6 +57,36 @@ def test_dp_fisher_noise_is_calibrated_and_clamped():
     unclamped = diff[torch.cat([noisy[n].flatten() for n in clean]) > 0]
     # std of the noise on the mean: σ·C²/N = 2·0.25/12 ≈ 0.0417 (unclamped part is biased up)
     assert 0.02 < unclamped.abs().mean() < 0.1
+
+
+def test_dp_fisher_per_tensor_is_the_tensor_mean_of_the_diagonal():
+    model, data = _tiny()
+    gen = torch.Generator().manual_seed(0)
+    diag = dp_diagonal_fisher(model, data, clip_norm=0.5, noise_multiplier=0.0, generator=gen)
+    block = dp_diagonal_fisher(model, data, clip_norm=0.5, noise_multiplier=0.0, generator=gen,
+                               per_tensor=True)
+    for n, t in diag.items():
+        assert torch.allclose(block[n], torch.full_like(t, float(t.mean())), rtol=1e-6)
+
+
+def test_dp_fisher_per_tensor_noise_is_one_draw_per_tensor():
+    model, data = _tiny()
+    clean = dp_diagonal_fisher(model, data, clip_norm=0.5, noise_multiplier=0.0,
+                               generator=torch.Generator().manual_seed(0), per_tensor=True)
+    noisy = dp_diagonal_fisher(model, data, clip_norm=0.5, noise_multiplier=2.0,
+                               generator=torch.Generator().manual_seed(3), per_tensor=True)
+    for n, t in noisy.items():  # constant within each tensor; noise σC²/(N·|t|) on it
+        assert torch.unique(t).numel() == 1
+        if float(t[(0,) * t.dim()]) > 0:
+            dev = abs(float(t.flatten()[0] - clean[n].flatten()[0])) * 12 * t.numel()
+            assert dev < 6 * 2.0 * 0.25  # within 6 standard deviations of σC²
+
+
+def test_normalised_fisher_has_max_one_and_keeps_zeros():
+    g = normalised({"a": torch.tensor([0.0, 4.0]), "b": torch.tensor([[1.0, 2.0]])})
+    assert torch.equal(g["a"], torch.tensor([0.0, 1.0]))
+    assert torch.equal(g["b"], torch.tensor([[0.25, 0.5]]))
+    assert all(float(t.abs().sum()) == 0 for t in normalised({"a": torch.zeros(3)}).values())
 
 
 def _reply(accs: dict[int, tuple[float, int]]):
