@@ -19,10 +19,10 @@ from fedadapt.config import RunConfig
 from fedimaging.backbones import build_model, trainable_state
 from server.checkpoint import (EVALUATED, NODE_SITES, resume, save_checkpoint,
                                spent_node_ids)
-from server.continual import ContinualTracker
+from server.continual import ContinualTracker, collect_fisher, save_fisher, shares_fisher
 from server.cross_site import MAX_SITES, cross_site_eval
 from server.progress import Progress
-from server.record import RoundLog, RunLog
+from server.record import RoundLog, RunLog, payload_bytes
 from server.rundir import SCHEMA, new_run_dir, save_adapter, write_json_atomic
 from server.report_hook import write_report
 from server.tracking import track_round
@@ -135,6 +135,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     tracker = ContinualTracker(cfg) if cfg.is_continual else None
     if tracker is not None and cfg.resume_from:
         tracker.restore(ck.extra.get("continual", {}))
+    # site-incremental ewc: the running sum of earlier phases' DP Fishers (FedCurv-style)
+    fisher = tracker.fisher(run_dir) if tracker is not None else None
     last_local: dict[str, ArrayRecord] = {}  # each site's last local model (cross-site eval)
     if tracker is not None and first == 1:  # baseline b of the initial model (FWT)
         base_cfg = ConfigRecord({keys.SERVER_ROUND: 0, keys.FREEZE_LORA_A: frozen_a,
@@ -177,11 +179,17 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                     if m.metadata.dst_node_id not in spent_nodes]
         _go_on_without_dead_sites(strategy, cfg.min_train_sites)  # all sites joined
         messages = encode_messages(messages, cfg.wire_dtype)  # 16-bit transport, if asked
+        if fisher is not None:  # sent with every round of the later phases
+            fisher_rec = ArrayRecord(fisher)
+            for m in messages:
+                m.content[keys.FISHER] = fisher_rec
         if not messages:
             stopped = f"every site's privacy budget was spent before round {rnd}"
             log.rounds.pop()
             break
         log.sent(rlog, messages)
+        if fisher is not None:
+            rlog.bytes_down += payload_bytes(fisher_rec) * len(messages)
         replies = _exchange(grid, messages, rlog, "train", node_sites)
         good = []
         for reply in replies:
@@ -214,6 +222,23 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         evaluated = evaluate(rnd, rlog)
         if tracker is not None:
             tracker.evaluated(rnd, evaluated)
+        if (tracker is not None and shares_fisher(cfg) and tracker.phase_ends(rnd)
+                and rnd < cfg.num_server_rounds):
+            new, report = collect_fisher(
+                grid, arrays, cfg=cfg, rnd=rnd, timeout=ROUND_TIMEOUT_S,
+                encode=lambda msgs: encode_messages(msgs, cfg.wire_dtype),
+                config=ConfigRecord({keys.SERVER_ROUND: rnd, keys.PHASE: cfg.phase_of_round(rnd),
+                                     keys.DP_ENABLED: cfg.dp,
+                                     keys.NOISE_MULTIPLIER: cfg.noise_multiplier,
+                                     keys.FREEZE_LORA_A: frozen_a}))
+            tracker.fisher_reports.append(report)
+            for site, info in report["sites"].items():  # the release's ε is the site's too
+                if site in log.sites:
+                    log.sites[site].update(epsilon=info["epsilon"], epsilon_remaining=(
+                        info["epsilon_cap"] - info["epsilon"]))
+            if new is not None:  # online EWC: the sum of the phases' Fishers
+                fisher = new if fisher is None else {n: fisher[n] + new[n] for n in fisher}
+                tracker.fisher_file = save_fisher(run_dir, fisher, rnd)
         progress.round(rlog)
         track_round(cfg, run_dir, rlog)  # TensorBoard / MLflow, if the run config asks
         save_checkpoint(run_dir, cfg, rnd, arrays, strategy, log, started=started,
