@@ -95,3 +95,40 @@ def test_domain_incremental_replay_is_charged_to_every_source_ledger(tmp_path_fa
     assert _entries(phase1)[0]["sample_rate"] == 1 / math.ceil(union / cfg.batch_size)
     # The site reports the largest ε of the ledgers it charged: phase 0's records'.
     assert r2["epsilon"] == pytest.approx(audit_ledger(phase0).eps_spent)
+
+
+def test_lwf_runs_site_incremental_with_dp_from_the_cli(tmp_path):
+    """The README's command line, every phase evaluated: `fedadapt simulate --scenario
+    site-incremental --continual lwf` with DP on (the other methods: the tests above and
+    tests/test_continual_e2e.py)."""
+    from fedadapt.cli import main
+
+    assert main(["simulate", "--scenario", "site-incremental", "--continual", "lwf",
+                 "--phases", "2", "--rounds", "2", "--sites", "2", "--train-size", "32",
+                 "--test-size", "16", "--local-epochs", "1", "--epsilon-cap", "100",
+                 "--backbone-weights", "random", "--out", str(tmp_path)]) == 0
+    (summary_path,) = tmp_path.glob("*/summary.json")
+    summary = json.loads(summary_path.read_text())
+    c = summary["continual"]
+    assert c["method"] == "lwf" and len(c["R"]) == 2 and "error" not in c
+    assert summary["privacy"]["dp"] and all(s["epsilon"] > 0 for s in summary["sites"].values())
+
+
+def test_the_running_fisher_survives_a_checkpoint(tmp_path):
+    import torch
+
+    from server.continual import ContinualTracker, save_fisher
+
+    cfg = RunConfig(scenario="site-incremental", continual="ewc", **TINY)
+    tracker = ContinualTracker(cfg)
+    fisher = {"a.lora_B": torch.rand(3, 2), "head.weight": torch.rand(3)}
+    tracker.fisher_file = save_fisher(tmp_path, fisher, 1)
+    state = json.loads(json.dumps(tracker.state()))  # as the checkpoint stores it
+    resumed = ContinualTracker(cfg)
+    resumed.restore(state)
+    got = resumed.fisher(tmp_path)
+    assert set(got) == set(fisher) and all(torch.equal(got[n], fisher[n]) for n in fisher)
+    (tmp_path / tracker.fisher_file).unlink()
+    with pytest.raises(FileNotFoundError, match="continual_fisher-r1"):
+        resumed.fisher(tmp_path)
+    assert ContinualTracker(cfg).fisher(tmp_path) is None  # no phase has ended yet
