@@ -1,15 +1,20 @@
-"""Multi-label classification through the federation: two hospitals read PNG images with
-0/1 label vectors from their datalists; the default (pretrained) ViT trains LoRA with
-BCE-with-logits under DP-SGD; accuracy, balanced accuracy and AUC per site."""
+"""Classification beyond the default through the federation: multi-label (two hospitals
+read PNG images with 0/1 label vectors from their datalists; the default pretrained ViT
+trains LoRA with BCE-with-logits under DP-SGD; accuracy, balanced accuracy and AUC per
+site), and a 3-D classification round (NIfTI volumes, the registry's 3-D ViT)."""
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
 
+from fedadapt import keys
 from fedadapt.cli import main
 from fedadapt.config import RunConfig
+from tests.flower_helpers import task_identity  # noqa: F401 (fixture)
+from tests.test_segmentation_e2e import site_round
 
 
 def _site(folder, seed):
@@ -68,3 +73,27 @@ def test_multilabel_scenario_needs_datalist_sites(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('task = "multilabel"\n[[site]]\nname = "a"\ntrain_size = 8\ntest_size = 4\n')
     assert main(["simulate", "--scenario", str(bad)]) == 2
+
+
+def test_3d_classification_round_at_a_site(tmp_path, task_identity):
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(12):
+        vol = rng.normal(0, 0.2, (12, 12, 12)).astype("f4") + (i % 2) * np.eye(12)[None]
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / f"{i}.nii.gz"))
+        entries.append({"image": f"{i}.nii.gz", "label": i % 2})
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": entries[:8],
+                                                        "test": entries[8:]}))
+    (tmp_path / "c3d.toml").write_text("""
+spatial_dims = 3
+image_size = 16
+num_classes = 2
+[[site]]
+name = "volumes"
+datalist = "datalist.json"
+""")
+    cfg, train_m, eval_m = site_round(tmp_path, tmp_path / "c3d.toml", "volumes")
+    spec = cfg.model_spec()
+    assert (spec.task, spec.spatial_dims, spec.backbone) == ("classification", 3, "vit-3d")
+    assert train_m[keys.NUM_EXAMPLES] == 8 and eval_m[keys.NUM_EXAMPLES] == 4
+    assert 0.0 <= eval_m[keys.EVAL_ACC] <= 1.0 and 0.0 <= eval_m[keys.EVAL_METRICS["auc"]] <= 1.0

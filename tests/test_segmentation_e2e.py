@@ -156,15 +156,27 @@ train_size = 8
 test_size = 4
 shift = { intensity_scale = 0.8, noise_std = 0.1, blur_sigma = 0.5 }
 """)
-    cfg = _with_scenario(RunConfig(device="cpu", batch_size=4, local_epochs=1,
-                                   noise_multiplier=SIGMA, sites_dir=str(tmp_path / "sites")),
-                         str(tmp_path / "tiny-3d.toml"), weights_given=False)
+    cfg, train_metrics, eval_metrics = site_round(tmp_path, tmp_path / "tiny-3d.toml", "a")
     spec = cfg.model_spec()
     assert (spec.spatial_dims, spec.backbone, spec.backbone_weights) == (3, "unetr-3d", "random")
-    provision_simulated_sites(cfg, tmp_path / "sites", ["a"])
+    assert eval_metrics[keys.NUM_EXAMPLES] == 4
+    assert 0.0 <= eval_metrics[keys.EVAL_METRICS["dice"]] <= 1.0
+
+
+def site_round(tmp_path: Path, scenario: Path, site: str):
+    """One DP round of scenario site 0 through ``handle_train`` then ``handle_evaluate``
+    (batch 4, 1 epoch, σ = SIGMA); checks ε against Opacus' RDP accountant and the ledger.
+
+    Returns:
+        ``(run config, train MetricRecord, evaluate MetricRecord)``.
+    """
+    cfg = _with_scenario(RunConfig(device="cpu", batch_size=4, local_epochs=1,
+                                   noise_multiplier=SIGMA, sites_dir=str(tmp_path / "sites")),
+                         str(scenario), weights_given=False)
+    provision_simulated_sites(cfg, tmp_path / "sites", [site])
     context = Context(run_id=1, node_id=1, node_config={keys.NODE_PARTITION_ID: 0},
                       state=RecordDict(), run_config=cfg.to_mapping())
-    sent = ArrayRecord(trainable_state(build_model(spec)))
+    sent = ArrayRecord(trainable_state(build_model(cfg.model_spec())))
     train_cfg = ConfigRecord({
         keys.SERVER_ROUND: 1, keys.LOCAL_EPOCHS: 1, keys.LR: 0.05, keys.BATCH_SIZE: 4,
         keys.DP_ENABLED: True, keys.NOISE_MULTIPLIER: SIGMA, keys.MAX_GRAD_NORM: 1.0})
@@ -172,19 +184,19 @@ shift = { intensity_scale = 0.8, noise_std = 0.1, blur_sigma = 0.5 }
                                  dst_node_id=1, message_type="train"), context)
     assert reply.content[keys.STATUS][keys.STATE] == keys.STATE_OK
     m = reply.content[keys.METRICS]
-    assert (m[keys.SAMPLE_RATE], m[keys.STEPS]) == (0.5, 2)
+    q, steps = float(m[keys.SAMPLE_RATE]), int(m[keys.STEPS])
+    assert steps == round(1 / q)
     orders = RDPAccountant.DEFAULT_ALPHAS
     eps, _ = get_privacy_spent(orders=orders, delta=cfg.delta, rdp=compute_rdp(
-        q=0.5, noise_multiplier=SIGMA, steps=2, orders=orders))
+        q=q, noise_multiplier=SIGMA, steps=steps, orders=orders))
     assert m[keys.EPSILON] == pytest.approx(eps, rel=1e-9)
-    (ledger,) = (tmp_path / "sites" / "a" / "ledger").glob("*.jsonl")
+    (ledger,) = (tmp_path / "sites" / site / "ledger").glob("*.jsonl")
     assert audit_ledger(ledger).to_dict()["eps_spent"] == pytest.approx(eps, rel=1e-9)
     trained = reply.content[keys.ARRAYS]
     assert trained.keys() == sent.keys()
     ev = handle_evaluate(Message(RecordDict({keys.ARRAYS: trained, keys.CONFIG: ConfigRecord(
         {keys.SERVER_ROUND: 1})}), dst_node_id=1, message_type="evaluate"), context)
-    em = ev.content[keys.METRICS]
-    assert em[keys.NUM_EXAMPLES] == 4 and 0.0 <= em[keys.EVAL_METRICS["dice"]] <= 1.0
+    return cfg, m, ev.content[keys.METRICS]
 
 
 def test_segmentation_refusals(tmp_path, capsys):
