@@ -8,6 +8,10 @@ on the same Grid (one DP round each, its own run directory), so Ray starts once.
 are the real ``handle_train``/``handle_evaluate`` with their own policies and ledgers,
 so each site's ε composes over the five federations; the test ClientApp only writes down
 the train config each site received, to see what each strategy sent (FedProx's μ).
+
+A sixth federation asks for bfloat16 on the wire and one site replies in float32 (the
+test ClientApp re-encodes its real reply): update validation rejects it on the real
+server path, with the site and the reason in ``summary.json``.
 """
 
 import json
@@ -28,8 +32,10 @@ from fedimaging.backbones import build_model, trainable_state
 from server.app import run_federation
 from server.checkpoint import load_checkpoint
 from simulations.runner import simulate
+from strategies import wire
 
 STRATEGIES = ("median", "trimmed-mean", "fedprox", "fedadam", "fedyogi")
+WIRE_RUN, WRONG_DTYPE_SITE = "wire-dtype", 1  # bf16 run; partition 1 replies in float32
 CFG = dict(num_sites=2, num_server_rounds=1, site_train_size=32, site_test_size=16, dp=True,
            local_epochs=1, batch_size=16, cross_site_eval=False, proximal_mu=0.05,
            backbone_weights="random", device="cpu", epsilon_cap=100.0)
@@ -45,6 +51,9 @@ def _server_app(overrides: dict, run_dir: Path) -> ServerApp:
         for name in STRATEGIES:
             (run_dir / name).mkdir()
             run_federation(grid, cfg.replace(strategy=name), run_dir / name)
+        (run_dir / WIRE_RUN).mkdir()
+        run_federation(grid, cfg.replace(strategy="fedavg", wire_dtype="bfloat16"),
+                       run_dir / WIRE_RUN)
         (run_dir / "summary.json").write_text(json.dumps({"federations": STRATEGIES}))
 
     return app
@@ -57,9 +66,15 @@ def _recording_client_app(overrides: dict, seen: Path) -> ClientApp:
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
         pid = int(context.node_config[keys.NODE_PARTITION_ID])
-        with open(seen / f"site{pid}.jsonl", "a") as f:
+        log = seen / f"site{pid}.jsonl"
+        federation = len(log.read_text().splitlines()) if log.exists() else 0
+        with open(log, "a") as f:
             f.write(json.dumps(dict(msg.content[keys.CONFIG])) + "\n")
-        return handle_train(msg, context, overrides)
+        reply = handle_train(msg, context, overrides)
+        if federation == len(STRATEGIES) and pid == WRONG_DTYPE_SITE:
+            reply.content[keys.ARRAYS] = wire.encode(wire.decode(reply.content[keys.ARRAYS]),
+                                                     "float32")
+        return reply
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
@@ -76,7 +91,8 @@ def runs(tmp_path_factory):
     cfg = RunConfig(out_dir=str(out / "runs"), **CFG)
     run_dir = simulate(cfg, apps=lambda ov, rd: (_server_app(ov, rd),
                                                  _recording_client_app(ov, seen)))
-    summaries = {n: json.loads((run_dir / n / "summary.json").read_text()) for n in STRATEGIES}
+    summaries = {n: json.loads((run_dir / n / "summary.json").read_text())
+                 for n in (*STRATEGIES, WIRE_RUN)}
     # Federation k's train message is line k at every site (they run one after the other).
     received = [[json.loads(line) for line in p.read_text().splitlines()]
                 for p in sorted(seen.glob("site*.jsonl"))]
@@ -97,7 +113,7 @@ def test_strategy_runs_with_dp(runs, name):
     rnd = summary["rounds"][-1]
     assert len(rnd["train"]) == 2 and len(rnd["evaluate"]) == 2
     assert rnd["rejected"] == [] and rnd["failures"] == [] and rnd["accuracy"] is not None
-    assert len(received) == 2 and all(len(r) == len(STRATEGIES) for r in received)
+    assert len(received) == 2 and all(len(r) == len(STRATEGIES) + 1 for r in received)
     assert all(r[STRATEGIES.index(name)][keys.DP_ENABLED] for r in received)
 
 
@@ -146,3 +162,16 @@ def test_strategy_specific_state(runs, name):
         assert not any("m_t" in s for s in state.values())
     if name in ("median", "trimmed-mean"):  # fedadapt's adapter aggregation
         assert "AdapterAggregation" in state
+
+
+def test_reply_in_another_wire_dtype_is_rejected_on_the_server_path(runs):
+    _, _, summaries, received = runs
+    summary = summaries[WIRE_RUN]
+    assert summary["wire"]["dtype"] == "bfloat16"
+    assert all(r[-1][keys.WIRE_DTYPE] == "bfloat16" for r in received)
+    names = {v["partition_id"]: k for k, v in summary["sites"].items()}
+    rnd = summary["rounds"][-1]
+    assert len(rnd["train"]) == 2 and rnd["failures"] == [] and rnd["accuracy"] is not None
+    [rejected] = rnd["rejected"]
+    assert rejected["site"] == names[WRONG_DTYPE_SITE]
+    assert "sent as float32 on the wire, the run's wire-dtype is bfloat16" in rejected["reason"]
