@@ -99,8 +99,6 @@ class RunLog:
                     delta=float(m[keys.DELTA]), rounds_trained=info.get("rounds_trained", 0) + 1)
         if keys.LORA_RANK in m:  # heterogeneous ranks: the rank the site trained at
             info["lora_rank"] = int(m[keys.LORA_RANK])
-        if keys.LORA_RANK in m:  # heterogeneous ranks: the rank the site trained at
-            info["lora_rank"] = int(m[keys.LORA_RANK])
         if keys.EPSILON_CAP in m:
             cap = float(m[keys.EPSILON_CAP])
             info.update(epsilon_cap=cap, epsilon_remaining=cap - float(m[keys.EPSILON]))
