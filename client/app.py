@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from client.budget import dataset_fingerprint, planned_round, site_dir
 from client.continual import ContinualRound, dp_diagonal_fisher, end_round, plan, rehearsal
+from client.memory import SiteMemory, memory_folder
 from client.site import Site, set_threads, site_from_context
 from client.train import evaluate, evaluate_metrics, resolve_device, train
 from fedadapt import keys
@@ -173,11 +174,13 @@ def handle_train(msg: Message, context: Context,
     train_set, _ = site.datasets(phase)
     model = _model(site, msg)
     hooks = ContinualRound(train_set)
+    memory = None if cl is None else SiteMemory(context, memory_folder(
+        site_dir(site.name, site.run, context.node_config), str(req.get(keys.RUN_KEY, ""))))
     if rehearsing:  # site-incremental replay: an earlier site rehearses its reservoir
         hooks = rehearsal(site, site.datasets(cl.join_phase(site.index))[0])
     elif cl is not None:
         try:
-            hooks = plan(site.run.continual, site, context, model, train_set, phase=phase,
+            hooks = plan(site.run.continual, site, memory, model, train_set, phase=phase,
                          fisher=lambda: _dp_fisher(site, context, model, phase - 1, req,
                                                    run_id=run_id, rnd=rnd)[0],
                          teacher=lambda anchor: _teacher(site, msg, anchor),
@@ -210,8 +213,8 @@ def handle_train(msg: Message, context: Context,
                    proximal_mu=float(req.get(keys.PROXIMAL_MU, 0.0)),
                    param_penalty=hooks.param_penalty, extra_loss=hooks.extra_loss,
                    loss_fn=task_loss(site.task))
-    if cl is not None:
-        end_round(context, phase=phase)
+    if memory is not None:
+        end_round(memory, phase=phase)
     eps_total = eps_round = 0.0
     if dp is not None:
         if (result.sample_rate, result.steps) != (q, steps):

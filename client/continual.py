@@ -1,7 +1,9 @@
 """Continual learning at a site: what a site keeps between phases, and how it shapes a
 round's local training. The math is in ``continual/``; this is the glue.
 
-A site's continual state lives in Flower's ``context.state`` (per node, per run). At the
+A site's continual state lives in Flower's ``context.state``, written through to the
+site's folder (``client.memory.SiteMemory``) so that it survives a restarted SuperNode
+and a resumed server. At the
 first round of a new phase, the global adapter the site receives is the final model of
 the previous phase; it becomes the *anchor*:
 
@@ -36,10 +38,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from client.memory import SiteMemory
 from client.site import Site
 from continual.ewc import ewc_penalty, trainable_params
 from continual.lwf import distillation_loss
@@ -127,31 +129,21 @@ class ContinualRound:
         return self.sources or (self.train_set,)
 
 
-def _arrays(context: Context, key: str) -> dict[str, torch.Tensor] | None:
-    rec = context.state.array_records.get(key)
-    return None if rec is None else rec.to_torch_state_dict()
-
-
-def last_phase(context: Context) -> int:
-    rec = context.state.config_records.get(_PHASE)
-    return -1 if rec is None else int(rec["phase"])  # type: ignore[arg-type]
-
-
-def begin_phase(context: Context, model: nn.Module, *, phase: int) -> bool:
+def begin_phase(memory: SiteMemory, model: nn.Module, *, phase: int) -> bool:
     """At a site's first round of ``phase`` > 0: keep the received global model as the
     anchor, and its LoRA A as an earlier phase's subspace. Returns True if it did."""
-    anchor_rec = context.state.config_records.get(_ANCHOR + "-phase")
-    if phase == 0 or (anchor_rec is not None and int(anchor_rec["phase"]) == phase):  # type: ignore[arg-type]
+    if phase == 0 or memory.number(_ANCHOR + "-phase") == phase:
         return False
-    anchor = {n: p.detach().clone() for n, p in trainable_params(model).items()}
-    context.state[_ANCHOR] = ArrayRecord(anchor)
-    context.state[_ANCHOR + "-phase"] = ConfigRecord({"phase": phase})
-    prev_a = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
-    context.state[f"{_PREV_A}{phase - 1}"] = ArrayRecord(prev_a)
+    memory.put_arrays(_ANCHOR, {n: p.detach().clone()
+                                for n, p in trainable_params(model).items()})
+    memory.put_arrays(f"{_PREV_A}{phase - 1}", {n: p.detach().clone()
+                                                for n, p in model.named_parameters()
+                                                if "lora_A" in n})
+    memory.put_number(_ANCHOR + "-phase", phase)  # last: a crash before it redoes the above
     return True
 
 
-def plan(method: str, site: Site, context: Context, model: nn.Module, train_set: Dataset, *,
+def plan(method: str, site: Site, memory: SiteMemory, model: nn.Module, train_set: Dataset, *,
          phase: int, fisher: Callable[[], dict[str, torch.Tensor]] | None,
          teacher: Callable[[dict[str, torch.Tensor]], nn.Module],
          shared_fisher: dict[str, torch.Tensor] | None = None) -> ContinualRound:
@@ -160,7 +152,7 @@ def plan(method: str, site: Site, context: Context, model: nn.Module, train_set:
     Args:
         method: naive, ewc, lwf, replay or olora.
         site: The site.
-        context: Flower's per-node context (holds the continual state).
+        memory: The site's continual state (``context.state``, kept in its folder).
         model: The model loaded with the received global adapter.
         train_set: The site's current-phase training records.
         phase: The current phase.
@@ -171,9 +163,9 @@ def plan(method: str, site: Site, context: Context, model: nn.Module, train_set:
             site-incremental); used instead of a locally computed one.
     """
     run = site.run
-    new_phase = begin_phase(context, model, phase=phase)
-    anchor = _arrays(context, _ANCHOR)
-    trained_before = last_phase(context) >= 0
+    new_phase = begin_phase(memory, model, phase=phase)
+    anchor = memory.arrays(_ANCHOR)
+    trained_before = memory.number(_PHASE) is not None  # the site trained in this run
     if method == "naive" or anchor is None:
         return ContinualRound(train_set)
     if method == "ewc":
@@ -183,15 +175,15 @@ def plan(method: str, site: Site, context: Context, model: nn.Module, train_set:
                 model, shared, anchor, run.ewc_lambda))
         if new_phase and trained_before:
             assert fisher is not None
-            context.state[_FISHER] = ArrayRecord(fisher())
-        f = _arrays(context, _FISHER)
+            memory.put_arrays(_FISHER, fisher())
+        f = memory.arrays(_FISHER)
         if f is None:
             return ContinualRound(train_set)
         f = normalised(f)
         return ContinualRound(train_set, param_penalty=lambda: ewc_penalty(
             model, f, anchor, run.ewc_lambda))
     if method == "olora":
-        prev = [a for k in range(phase) if (a := _arrays(context, f"{_PREV_A}{k}"))]
+        prev = [a for k in range(phase) if (a := memory.arrays(f"{_PREV_A}{k}"))]
         return ContinualRound(train_set, param_penalty=lambda: run.olora_lambda *
                               orthogonality_penalty(lora_a_params(model), prev))
     if method == "lwf":
@@ -206,14 +198,14 @@ def plan(method: str, site: Site, context: Context, model: nn.Module, train_set:
     if method == "replay":
         if new_phase and trained_before:
             buf = ReservoirBuffer(run.replay_size, seed=run.seed + 1000 * site.index + phase)
-            kept = _arrays(context, _REPLAY)
+            kept = memory.arrays(_REPLAY)
             if kept is not None:
                 buf.extend(kept["x"], kept["y"])
             prev_train, _ = site.datasets(phase - 1)
             buf.extend(*prev_train.tensors)  # type: ignore[attr-defined]
             x, y = buf.tensors()
-            context.state[_REPLAY] = ArrayRecord({"x": x, "y": y})
-        kept = _arrays(context, _REPLAY)
+            memory.put_arrays(_REPLAY, {"x": x, "y": y})
+        kept = memory.arrays(_REPLAY)
         if kept is None:
             return ContinualRound(train_set)
         cur_x, cur_y = train_set.tensors  # type: ignore[attr-defined]
@@ -238,6 +230,6 @@ def rehearsal(site: Site, join_train: TensorDataset) -> ContinualRound:
     return ContinualRound(TensorDataset(x, y), sources=(join_train,))
 
 
-def end_round(context: Context, *, phase: int) -> None:
+def end_round(memory: SiteMemory, *, phase: int) -> None:
     """Remember the phase the site trained in."""
-    context.state[_PHASE] = ConfigRecord({"phase": phase})
+    memory.put_number(_PHASE, phase)

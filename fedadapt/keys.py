@@ -22,6 +22,9 @@ NOISE_MULTIPLIER: Final = "noise-multiplier"
 MAX_GRAD_NORM: Final = "max-grad-norm"
 RUN_ID: Final = "run-id"
 PHASE: Final = "phase"  # continual scenarios: the 0-based phase of the round
+# The federation run's name (its run directory's, unchanged by a resume): a site keeps its
+# continual state under <site-dir>/continual/<run key>/ (client/memory.py).
+RUN_KEY: Final = "run-key"
 FREEZE_LORA_A: Final = "freeze-lora-a"  # FFA-LoRA: sites keep lora_A at the shared seed
 PROXIMAL_MU: Final = "proximal-mu"  # FedProx μ (Flower's FedProx sets this key)
 WIRE_DTYPE: Final = "wire-dtype"  # dtype the site replies its tensors in (strategies.wire)

@@ -117,7 +117,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         keys.LOCAL_EPOCHS: cfg.local_epochs, keys.LR: cfg.lr, keys.BATCH_SIZE: cfg.batch_size,
         keys.DP_ENABLED: cfg.dp, keys.NOISE_MULTIPLIER: cfg.noise_multiplier,
         keys.MAX_GRAD_NORM: cfg.max_grad_norm, keys.FREEZE_LORA_A: frozen_a,
-        keys.WIRE_DTYPE: cfg.wire_dtype})
+        keys.WIRE_DTYPE: cfg.wire_dtype,
+        keys.RUN_KEY: run_dir.name})  # where sites keep their continual state for this run
     log = RunLog()
     progress = Progress(cfg.num_server_rounds, dp=cfg.dp)
     spent_nodes: set[int] = set()  # sites that refused because their budget is spent

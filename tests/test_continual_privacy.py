@@ -95,6 +95,10 @@ def test_domain_incremental_replay_is_charged_to_every_source_ledger(tmp_path_fa
     assert _entries(phase1)[0]["sample_rate"] == 1 / math.ceil(union / cfg.batch_size)
     # The site reports the largest ε of the ledgers it charged: phase 0's records'.
     assert r2["epsilon"] == pytest.approx(audit_ledger(phase0).eps_spent)
+    # Its reservoir and anchor are kept in its folder under the run's name (restarts).
+    memory = run_dir / "sites" / "hospital-a" / "continual" / run_dir.name
+    assert {p.name for p in memory.iterdir()} >= {"cl-replay.safetensors",
+                                                  "cl-anchor.safetensors", "cl-phase.json"}
 
 
 def test_lwf_runs_site_incremental_with_dp_from_the_cli(tmp_path):
