@@ -23,6 +23,9 @@ class Progress:
         head = f"[fedadapt] round {log.round}/{self.num_rounds} [{bar}]"
         if acc is not None:
             head += f"  accuracy {acc:.3f}"
+        dice = log.weighted("dice")  # segmentation: the mean foreground Dice
+        if dice is not None:
+            head += f"  dice {dice:.3f}"
         head += f"  sent {log.bytes_down / 1e3:.1f} kB down, {log.bytes_up / 1e3:.1f} kB up"
         lines = [head]
         for site in sorted(set(log.train) | set(log.evaluate)):
@@ -30,6 +33,8 @@ class Progress:
             parts = [f"  {site:<12}"]
             if e:
                 parts.append(f"acc {e['accuracy']:.3f}")
+                if "dice" in e:
+                    parts.append(f"dice {e['dice']:.3f}")
             if t:
                 parts.append(f"loss {t['loss']:.3f}")
                 parts.append(f"eps {t['epsilon']:.2f}" if self.dp else "eps inf (no DP)")
