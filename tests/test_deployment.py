@@ -6,41 +6,23 @@ does not trust the federation's CA cannot; and a full TLS run started with the R
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from deploy.certs import generate
+from tests.process_helpers import BIN, CONNECTION, Federation, free_port, stop, wait_for
 
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.skipif(not (BIN / "flower-superlink").exists(),
                                 reason="flower-superlink not installed next to python")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(path: Path, text: str, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if path.exists() and text in path.read_text(errors="replace"):
-            return True
-        time.sleep(0.5)
-    return False
 
 
 def test_tls_superlink_registered_site_joins_unregistered_cannot(tmp_path):
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                FLWR_HOME=str(tmp_path / "home"))
     certs = generate(tmp_path / "certs", ("a", "b"))
-    port = _port()
+    port = free_port()
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "config.toml").write_text(
         f'[superlink.t]\naddress = "127.0.0.1:{port}"\n'
@@ -77,8 +59,8 @@ def test_tls_superlink_registered_site_joins_unregistered_cannot(tmp_path):
                 ("a-wrong-ca", rogue.ca_cert, certs.site_keys["a"][0], once)):
             start([str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
                    "--root-certificates", str(ca), "--auth-supernode-private-key",
-                   str(key), "--port", str(_port()), *retries], f"supernode-{log}.log")
-        assert _wait_for(tmp_path / "supernode-a.log", "SuperNode ID:", 60), \
+                   str(key), "--port", str(free_port()), *retries], f"supernode-{log}.log")
+        assert wait_for(tmp_path / "supernode-a.log", "SuperNode ID:", 60), \
             (tmp_path / "supernode-a.log").read_text()
         for p, log in zip(procs[-2:], ("b", "a-wrong-ca")):
             p.wait(timeout=90)  # gives up instead of joining
@@ -89,45 +71,12 @@ def test_tls_superlink_registered_site_joins_unregistered_cannot(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert ls.stdout.count("online") == 1, ls.stdout
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(procs)
 
 
 # --- a full TLS run: fedadapt server start, three fedadapt site start, flwr run ---------
 
-ROOT = Path(__file__).resolve().parents[1]
 SITES = ("a", "b", "c")
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """Stop the processes this test started (by PID) and their children."""
-    import psutil
-
-    for p in reversed(procs):
-        if p.poll() is not None:
-            continue
-        try:
-            kids = psutil.Process(p.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            kids = []
-        p.terminate()
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        for k in kids:
-            try:
-                k.kill()
-            except psutil.NoSuchProcess:
-                pass
 
 
 @pytest.mark.heavy
@@ -141,112 +90,54 @@ def test_tls_run_of_three_sites_started_with_fedadapt_commands(tmp_path):
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-    from fedadapt import cmd_certs, cmd_site
     from fedadapt.config import RunConfig
     from fedimaging.synthetic import default_sites
 
-    fedadapt = str(BIN / "fedadapt")
-
-    def cli(module, argv: list[str]) -> None:  # the same code as `fedadapt ...`, in-process
-        import argparse
-
-        parser = argparse.ArgumentParser(prog="fedadapt")
-        module.register(parser.add_subparsers(dest="command", required=True))
-        args = parser.parse_args(argv)
-        assert args.func(args) == 0
-
-    home, certs, out = tmp_path / "home", tmp_path / "certs", tmp_path / "runs"
-    cli(cmd_certs, ["certs", str(certs), "--sites", ",".join(SITES)])
-    for i, s in enumerate(SITES):
-        cli(cmd_site, ["site", "init", str(tmp_path / "sites" / s), "--name", s,
-                       "--data", "synthetic", "--device", "cpu", "--partition-id", str(i),
-                       "--num-sites", str(len(SITES)), "--epsilon-cap", "50",
-                       "--delta", "1e-5"])  # the run config's δ, as simulated sites use
-    port = _port()
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink.hospitals]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{certs / "ca.pem"}"\n')
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               FLWR_HOME=str(home))
-    procs: list[subprocess.Popen] = []
-
-    def start(args: list[str], log: str) -> subprocess.Popen:
-        procs.append(subprocess.Popen(args, cwd=tmp_path, env=env,
-                                      stdout=open(tmp_path / log, "w"),
-                                      stderr=subprocess.STDOUT))
-        return procs[-1]
-
-    def flwr(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout)
-
+    fed = Federation(tmp_path, SITES)  # fedadapt certs, fedadapt site init per site
+    out = tmp_path / "runs"
     try:
         # As in docker-compose.yml: the ServerApp runs in a separate executor process
         # (process isolation, TLS + shared secret); so does site a's ClientApp.
-        start([fedadapt, "server", "start", "--certs", str(certs), "--port", str(port),
-               "--database", str(tmp_path / "state.db"), "--isolation", "process"],
-              "superlink.log")
-        start([str(BIN / "flower-superexec"), "--runtime-api-address", f"127.0.0.1:{port}",
-               "--root-certificates", str(certs / "ca.pem"), "--superexec-auth-secret-file",
-               str(certs / "superexec.secret")], "serverapp-executor.log")
-        for s in SITES:
-            for _ in range(90):  # until the SuperLink answers
-                reg = flwr("supernode", "register", str(certs / "sites" / s / "auth.pub"),
-                           "hospitals")
-                if "registered successfully" in reg.stdout:
-                    break
-                time.sleep(1)
-            assert "registered successfully" in reg.stdout, \
-                reg.stdout + (tmp_path / "superlink.log").read_text()
-        def start_site(s: str, log: str, isolation: str, node_port: int) -> subprocess.Popen:
-            return start([fedadapt, "site", "start", str(tmp_path / "sites" / s),
-                          "--superlink", f"127.0.0.1:{port}", "--root-certificates",
-                          str(certs / "ca.pem"), "--auth-key",
-                          str(certs / "sites" / s / "auth.key"), "--port", str(node_port),
-                          "--isolation", isolation], log)
-
+        fed.start_server()  # fedadapt server start + flower-superexec
+        fed.register_sites()  # flwr supernode register
         nodes = {}
         for s in SITES:
-            node_port = _port()
+            node_port = free_port()
             isolation = "process" if s == "a" else "subprocess"
-            nodes[s] = start_site(s, f"supernode-{s}.log", isolation, node_port)
+            nodes[s] = fed.start_site(s, f"supernode-{s}.log", isolation, node_port)
             if isolation == "process":
-                start([str(BIN / "flower-superexec"), "--runtime-api-address",
-                       f"127.0.0.1:{node_port}", "--insecure", "--superexec-auth-secret-file",
-                       str(tmp_path / "sites" / s / "superexec.secret")],
-                      f"clientapp-executor-{s}.log")
-        for s in SITES:
-            assert _wait_for(tmp_path / f"supernode-{s}.log", "SuperNode ID:", 120), \
-                (tmp_path / f"supernode-{s}.log").read_text()
+                fed.start([str(BIN / "flower-superexec"), "--runtime-api-address",
+                           f"127.0.0.1:{node_port}", "--insecure",
+                           "--superexec-auth-secret-file",
+                           str(fed.site_dir(s) / "superexec.secret")],
+                          f"clientapp-executor-{s}.log")
+        fed.wait_joined([f"supernode-{s}.log" for s in SITES])
         overrides = (f'num-server-rounds=1 num-sites=3 site-train-size=48 '
                      f'site-test-size=16 local-epochs=1 out-dir="{out}"')
         if "backbone-weights" in RunConfig().to_mapping():
             # The shipped checkpoint is not a FAB file type (flwr packs *.py, *.toml, ...).
             overrides += ' backbone-weights="random"'
-        run = flwr("run", ".", "hospitals", "--stream", "-c", overrides, timeout=600)
-        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}"
-                         for p in sorted(tmp_path.glob("*.log")))
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:] + logs
+        run = fed.flwr("run", ".", CONNECTION, "--stream", "-c", overrides, timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:] + fed.logs()
         summaries = list(out.glob("*/summary.json"))
-        assert len(summaries) == 1, run.stdout[-3000:] + logs
+        assert len(summaries) == 1, run.stdout[-3000:] + fed.logs()
         summary = json.loads(summaries[0].read_text())
 
-        # Site c restarts (a new process, a new node id) and joins the next run with the
-        # budget it has already spent: its ledger, in its folder, keeps composing.
-        _stop([nodes["c"]])
+        # Site c restarts (a new process, the same node id: Flower keys it by its auth
+        # key) and joins the next run with the budget it has already spent: its ledger,
+        # in its folder, keeps composing.
+        stop([nodes["c"]])
         for _ in range(60):
-            if flwr("supernode", "ls", "hospitals").stdout.count("online") == 2:
+            if fed.flwr("supernode", "ls", CONNECTION).stdout.count("online") == 2:
                 break
             time.sleep(1)
-        start_site("c", "supernode-c-restarted.log", "subprocess", _port())
-        assert _wait_for(tmp_path / "supernode-c-restarted.log", "SuperNode ID:", 120), \
-            (tmp_path / "supernode-c-restarted.log").read_text()
-        run2 = flwr("run", ".", "hospitals", "--stream", "-c", overrides, timeout=600)
+        fed.start_site("c", "supernode-c-restarted.log")
+        fed.wait_joined(["supernode-c-restarted.log"])
+        run2 = fed.flwr("run", ".", CONNECTION, "--stream", "-c", overrides, timeout=600)
         assert run2.returncode == 0 and len(list(out.glob("*/summary.json"))) == 2, \
-            run2.stdout[-3000:] + run2.stderr[-2000:]
+            run2.stdout[-3000:] + run2.stderr[-2000:] + fed.logs()
     finally:
-        _stop(procs)
+        fed.stop()
     # Each site ran as itself (its own name from site.toml) ...
     assert sorted(summary["sites"]) == list(SITES)
     # ... on the data simulated site `partition-id` of the same seed would have, with the
@@ -262,7 +153,7 @@ def test_tls_run_of_three_sites_started_with_fedadapt_commands(tmp_path):
             q=1 / per_epoch, noise_multiplier=1.0, steps=per_epoch, orders=orders))
         assert info["epsilon"] == pytest.approx(eps, rel=1e-9)
         # The site's ledger, in its own folder, recorded exactly the round it trained.
-        ledgers = list((tmp_path / "sites" / s / "ledger").glob("*.jsonl"))
+        ledgers = list((fed.site_dir(s) / "ledger").glob("*.jsonl"))
         assert len(ledgers) == 1, s
         entries = [json.loads(line) for line in ledgers[0].read_text().splitlines()]
         assert [(e["round"], e["steps"]) for e in entries] == [(1, per_epoch)] * 2
