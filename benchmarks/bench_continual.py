@@ -39,6 +39,35 @@ def run(method: str, args: argparse.Namespace, out: Path) -> dict:
     return summary["continual"] | {"run_dir": summary["run_dir"]}
 
 
+def grid_figure(rs: dict[str, list[list[float]]], path: Path, title: str) -> Path:
+    """One PNG with the accuracy matrix R of every method side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(rs), figsize=(2.6 * len(rs), 2.9), squeeze=False)
+    for ax, (method, r) in zip(axes[0], rs.items()):
+        m = np.asarray(r, dtype=float)
+        ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis")
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if m[i, j] < 0.6 else "black")
+        t = m.shape[0]
+        ax.set_xticks(range(t), [f"{j + 1}" for j in range(t)])
+        ax.set_yticks(range(t), [f"{i + 1}" for i in range(t)])
+        ax.set_title(method, fontsize=10)
+        ax.set_xlabel("phase tested")
+    axes[0][0].set_ylabel("after phase")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scenario", default="domain-incremental",
@@ -54,6 +83,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-dp", action="store_true")
     p.add_argument("--heatmaps", default="", help="folder to copy each method's R heatmap to")
+    p.add_argument("--figure", default="", help="PNG with every method's R side by side")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     if args.quick:
@@ -82,6 +112,9 @@ def main() -> None:
     for m, r in rows.items():
         print(f"{m:8s} {100 * r['ACC']:6.1f} {100 * r['BWT']:7.1f} {100 * r['forgetting']:7.1f}  "
               + " | ".join(" ".join(f"{v:.2f}" for v in row) for row in r["R"]))
+    if args.figure:
+        grid_figure({m: r["R"] for m, r in rows.items()}, Path(args.figure),
+                    f"{args.scenario}, DP {'off' if args.no_dp else 'on'}")
     best = max((m for m in rows if m != "naive"), key=lambda m: rows[m]["BWT"], default="naive")
     print(f"best method {best}: BWT {100 * rows[best]['BWT']:.1f} vs naive "
           f"{100 * rows['naive']['BWT']:.1f}; difference {100 * (rows[best]['BWT'] - rows['naive']['BWT']):.1f} points")
