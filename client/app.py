@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from client.budget import dataset_fingerprint, planned_round, site_dir
 from client.continual import ContinualRound, dp_diagonal_fisher, end_round, plan, rehearsal
 from client.memory import SiteMemory, memory_folder
+from client.replies import digest, load_reply, reply_folder, save_reply
 from client.site import Site, set_threads, site_from_context
 from client.train import evaluate, evaluate_metrics, resolve_device, train
 from fedadapt import keys
@@ -168,6 +169,17 @@ def handle_train(msg: Message, context: Context,
                   and site.run.continual == "replay" and cl.join_phase(site.index) < phase)
     if cl is not None and site.index not in cl.active_sites(phase) and not rehearsing:
         return _idle(msg, site)  # not this site's phase (site-incremental)
+    wire_dtype = str(req.get(keys.WIRE_DTYPE, "float32"))
+    replies = reply_folder(site_dir(site.name, site.run, context.node_config),
+                           str(req.get(keys.RUN_KEY, "")))
+    received = digest(_received(msg))
+    kept = load_reply(replies, rnd, received)
+    if kept is not None:  # asked again after a server resume: already trained and spent
+        tensors, kept_metrics, kept_status = kept
+        return Message(content=RecordDict({
+            keys.ARRAYS: wire.encode(tensors, wire_dtype),
+            keys.METRICS: MetricRecord(kept_metrics),
+            keys.STATUS: ConfigRecord(kept_status)}), reply_to=msg)
     run_id = str(msg.metadata.run_id)
     dp_on = bool(req[keys.DP_ENABLED])
     clip = float(req[keys.MAX_GRAD_NORM])
@@ -231,12 +243,12 @@ def handle_train(msg: Message, context: Context,
         keys.EPSILON_CAP: policy.epsilon_cap, keys.NOISE_MULTIPLIER: sigma,
         keys.STEPS: result.steps, keys.SAMPLE_RATE: result.sample_rate,
         keys.PARTITION_ID: site.index, keys.LORA_RANK: site.lora_rank})
-    content = RecordDict({
-        keys.ARRAYS: wire.encode(_reply_state(site, model),
-                                 str(req.get(keys.WIRE_DTYPE, "float32"))),
-        keys.METRICS: metrics,
-        keys.STATUS: ConfigRecord({keys.SITE_ID: site.name, keys.STATE: keys.STATE_OK,
-                                   keys.ACCOUNTANT: policy.accountant})})
+    status = ConfigRecord({keys.SITE_ID: site.name, keys.STATE: keys.STATE_OK,
+                           keys.ACCOUNTANT: policy.accountant})
+    state = _reply_state(site, model)
+    save_reply(replies, rnd, state, dict(metrics), dict(status), received)  # before it leaves
+    content = RecordDict({keys.ARRAYS: wire.encode(state, wire_dtype), keys.METRICS: metrics,
+                          keys.STATUS: status})
     return Message(content=content, reply_to=msg)
 
 

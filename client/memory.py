@@ -27,8 +27,9 @@ MEMORY_DIR = "continual"
 _RUN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def memory_folder(site_dir: Path | None, run_key: str) -> Path | None:
-    """``<site_dir>/continual/<run_key>``, or None without a site folder or run key.
+def memory_folder(site_dir: Path | None, run_key: str, kind: str = MEMORY_DIR) -> Path | None:
+    """``<site_dir>/<kind>/<run_key>`` (``kind``: ``continual``, or ``replies`` for
+    :mod:`client.replies`), or None without a site folder or run key.
 
     Raises:
         ValueError: If the run key (sent by the server) is not a plain name; it names a
@@ -39,7 +40,7 @@ def memory_folder(site_dir: Path | None, run_key: str) -> Path | None:
     if not _RUN_KEY.match(run_key) or ".." in run_key:
         raise ValueError(f"run key {run_key!r} from the server is not a plain name (letters, "
                          "digits, '.', '_', '-'); the site refuses to use it as a folder")
-    return Path(site_dir) / MEMORY_DIR / run_key
+    return Path(site_dir) / kind / run_key
 
 
 class SiteMemory:

@@ -7,7 +7,9 @@ site's reply, sent bytes and tensor names, and write the run directory as it goe
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -94,6 +96,21 @@ def _go_on_without_dead_sites(strategy: Any, fewest: int) -> None:
         strategy = vars(strategy).get("inner")
 
 
+def run_key(run_dir: Path) -> str:
+    """The federation run's name for the sites (``keys.RUN_KEY``): the run directory's
+    name and a random suffix, made once and kept in ``<run_dir>/run-key`` so that a
+    resumed run sends the same one and two federations never share one."""
+    path = run_dir / "run-key"
+    if path.is_file():
+        return path.read_text().strip()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = f"{run_dir.name}-{uuid.uuid4().hex[:12]}"
+    tmp = path.with_name("run-key.tmp")
+    tmp.write_text(key + "\n")
+    os.replace(tmp, path)
+    return key
+
+
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """Run ``cfg.num_server_rounds`` rounds of FedAvg over adapter tensors.
 
@@ -118,7 +135,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         keys.DP_ENABLED: cfg.dp, keys.NOISE_MULTIPLIER: cfg.noise_multiplier,
         keys.MAX_GRAD_NORM: cfg.max_grad_norm, keys.FREEZE_LORA_A: frozen_a,
         keys.WIRE_DTYPE: cfg.wire_dtype,
-        keys.RUN_KEY: run_dir.name})  # where sites keep their continual state for this run
+        keys.RUN_KEY: run_key(run_dir)})  # sites keep this run's state under it
     log = RunLog()
     progress = Progress(cfg.num_server_rounds, dp=cfg.dp)
     spent_nodes: set[int] = set()  # sites that refused because their budget is spent

@@ -96,7 +96,8 @@ def test_domain_incremental_replay_is_charged_to_every_source_ledger(tmp_path_fa
     # The site reports the largest ε of the ledgers it charged: phase 0's records'.
     assert r2["epsilon"] == pytest.approx(audit_ledger(phase0).eps_spent)
     # Its reservoir and anchor are kept in its folder under the run's name (restarts).
-    memory = run_dir / "sites" / "hospital-a" / "continual" / run_dir.name
+    key = (run_dir / "run-key").read_text().strip()
+    memory = run_dir / "sites" / "hospital-a" / "continual" / key
     assert {p.name for p in memory.iterdir()} >= {"cl-replay.safetensors",
                                                   "cl-anchor.safetensors", "cl-phase.json"}
 
