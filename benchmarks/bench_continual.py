@@ -47,7 +47,7 @@ def grid_figure(rs: dict[str, list[list[float]]], path: Path, title: str) -> Pat
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(rs), figsize=(2.6 * len(rs), 2.9), squeeze=False)
+    fig, axes = plt.subplots(1, len(rs), figsize=(2.6 * len(rs), 3.3), squeeze=False)
     for ax, (method, r) in zip(axes[0], rs.items()):
         m = np.asarray(r, dtype=float)
         ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis")
