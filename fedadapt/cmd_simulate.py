@@ -84,6 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fewest sites that must train for a round to update the global "
                    f"adapter; a round with fewer is recorded as failed (default "
                    f"{d.min_train_sites})")
+    p.add_argument("--round-timeout", type=nonneg_float, default=d.round_timeout,
+                   metavar="SECONDS", help="seconds to wait for a round's replies before a "
+                   f"silent site is recorded as failed (default {d.round_timeout:g})")
     p.add_argument("--resume", default="", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its checkpoint, with its stored run "
                    "config and sites (only --rounds may be raised; other flags that differ "
@@ -160,6 +163,7 @@ def _simulate(args: argparse.Namespace) -> int:
                     site_train_size=args.train_size, site_test_size=args.test_size,
                     amp=not args.no_amp, strategy=args.strategy,
                     min_train_sites=args.min_train_sites, epsilon_cap=args.epsilon_cap,
+                    round_timeout=args.round_timeout,
                     sites_dir=args.sites_dir, site_dp=args.site_dp,
                     site_noise_multiplier=args.site_noise_multiplier,
                     site_clip_norm=args.site_clip_norm,

@@ -97,6 +97,10 @@ class RunConfig:
             (``server.tracking``; needs ``mlflow`` or ``mlflow-skinny``).
         min_train_sites: Fewest successful train replies a round needs; a round with fewer
             is recorded as failed, the global adapter is left as it was and the run goes on.
+        round_timeout: Seconds the server waits for the replies of one exchange (training,
+            evaluation, a Fisher query); a site still silent then (online but hung) is
+            recorded as failed and the round goes on without it. A dead site is noticed by
+            Flower sooner (``NODE_UNAVAILABLE`` within ~60 s).
         resume_from: A run directory whose ``checkpoint.pt`` (``server.checkpoint``) the
             server continues from, after its last completed round; empty for a fresh run.
     """
@@ -143,6 +147,7 @@ class RunConfig:
     tensorboard: bool = False
     mlflow: bool = False
     min_train_sites: int = 1
+    round_timeout: float = 3600.0
     resume_from: str = ""
 
     def __post_init__(self) -> None:
@@ -213,6 +218,7 @@ class RunConfig:
         need(self.site_noise_multiplier > 0, "site-noise-multiplier", "a positive number")
         need(self.site_clip_norm > 0, "site-clip-norm", "a positive number")
         need(self.min_train_sites >= 1, "min-train-sites", "an integer >= 1")
+        need(self.round_timeout > 0, "round-timeout", "a number of seconds > 0")
         need(self.backbone_weights in ("builtin", "random") or self.backbone_weights.lower()
              .endswith((".safetensors", ".pt", ".pth")), "backbone-weights",
              "'builtin', 'random' or a .safetensors/.pt/.pth file path")

@@ -32,7 +32,7 @@ from strategies.factory import build_strategy, freezes_lora_a
 from strategies.lora_math import LORA_A
 from strategies.wire import bytes_per_element, decode, encode_messages, format_problem
 
-ROUND_TIMEOUT_S = 3600.0
+ROUND_TIMEOUT_S = RunConfig.round_timeout  # the default of run config `round-timeout`
 
 
 def _state(reply: Message) -> str | None:
@@ -47,17 +47,17 @@ def _ok(reply: Message) -> bool:
 
 
 def _exchange(grid: Grid, messages: list[Message], rlog: RoundLog, stage: str,
-              node_sites: dict[int, str]) -> list[Message]:
+              node_sites: dict[int, str], timeout: float = ROUND_TIMEOUT_S) -> list[Message]:
     """Send ``messages``; return the replies that are not errors, record the others.
 
     A site that dies mid-round never replies. Flower's SuperLink answers in its place with
     an error (``NODE_UNAVAILABLE``) once the node has missed its heartbeats (every ~20 s,
     offline after 2 × 30 s in flwr 1.41, ``flwr/server/superlink/linkstate/utils.py``); a
-    reply still missing after ``ROUND_TIMEOUT_S`` is a failure too. Both go to
+    reply still missing after ``timeout`` (run config ``round-timeout``) is a failure too. Both go to
     ``rlog.failures`` with the node the message went to and that site's name when it has
     replied before (``node_sites``, which this fills from every site's status).
     """
-    replies = list(grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S))
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
     dst = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
            if m.metadata.message_id}  # the Grid sets message ids as it pushes
     answered, ok = set(), []
@@ -77,7 +77,7 @@ def _exchange(grid: Grid, messages: list[Message], rlog: RoundLog, stage: str,
         if mid not in answered:
             rlog.failures.append({"node_id": node, "site": node_sites.get(node),
                                   "stage": stage,
-                                  "reason": f"no reply within {ROUND_TIMEOUT_S:.0f} s"})
+                                  "reason": f"no reply within {timeout:g} s"})
     return ok
 
 
@@ -162,7 +162,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         tracker.evaluated(0, [r for r in grid.send_and_receive(
             encode_messages(strategy.configure_evaluate(1, arrays, base_cfg, grid),
                             cfg.wire_dtype),
-            timeout=ROUND_TIMEOUT_S) if _ok(r)])
+            timeout=cfg.round_timeout) if _ok(r)])
 
     def evaluate(rnd: int, rlog: RoundLog) -> list[Message]:
         """Evaluate the global adapter after ``rnd`` at every site; record the metrics."""
@@ -172,7 +172,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                                    cfg.wire_dtype)
         log.sent(rlog, messages)
         evaluated = []
-        for reply in _exchange(grid, messages, rlog, "evaluate", node_sites):
+        for reply in _exchange(grid, messages, rlog, "evaluate", node_sites,
+                               cfg.round_timeout):
             if _ok(reply):
                 log.evaluated(rlog, reply)
                 evaluated.append(reply)
@@ -208,7 +209,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         log.sent(rlog, messages)
         if fisher is not None:
             rlog.bytes_down += payload_bytes(fisher_rec) * len(messages)
-        replies = _exchange(grid, messages, rlog, "train", node_sites)
+        replies = _exchange(grid, messages, rlog, "train", node_sites, cfg.round_timeout)
         good = []
         for reply in replies:
             state = _state(reply)
@@ -243,7 +244,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         if (tracker is not None and shares_fisher(cfg) and tracker.phase_ends(rnd)
                 and rnd < cfg.num_server_rounds):
             new, report = collect_fisher(
-                grid, arrays, cfg=cfg, rnd=rnd, timeout=ROUND_TIMEOUT_S,
+                grid, arrays, cfg=cfg, rnd=rnd, timeout=cfg.round_timeout,
                 encode=lambda msgs: encode_messages(msgs, cfg.wire_dtype),
                 config=ConfigRecord({keys.SERVER_ROUND: rnd, keys.PHASE: cfg.phase_of_round(rnd),
                                      keys.DP_ENABLED: cfg.dp,
@@ -269,7 +270,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             ConfigRecord({keys.SERVER_ROUND: cfg.num_server_rounds, keys.FREEZE_LORA_A: frozen_a,
                           keys.PHASE: cfg.phase_of_round(cfg.num_server_rounds)}),
             encode=lambda msgs: encode_messages(msgs, cfg.wire_dtype),
-            timeout=ROUND_TIMEOUT_S, ok=_ok)
+            timeout=cfg.round_timeout, ok=_ok)
     adapter = save_adapter(run_dir, cfg, ArrayRecord(
         {**kept_a, **arrays.to_torch_state_dict()}) if kept_a else arrays)
     summary = {
