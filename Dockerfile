@@ -29,9 +29,9 @@ COPY client/ client/
 COPY strategies/ strategies/
 COPY privacy/ privacy/
 COPY simulations/ simulations/
-COPY fedimaging/ fedimaging/
+COPY imaging/ imaging/
 COPY continual/ continual/
-COPY fedreport/ fedreport/
+COPY report/ report/
 COPY deploy/ deploy/
 RUN pip install . && fedadapt --help > /dev/null
 

@@ -3,7 +3,7 @@
 Measured on real ``flwr.app.ArrayRecord`` payloads (the bytes Flower serialises) of a
 MONAI ViT at ViT-B/16 scale (hidden 768, 12 layers, 12 heads, MLP 3072, patch 16,
 224×224; instantiated locally with random weights, nothing downloaded) with PEFT LoRA
-on ``qkv`` and ``out_proj`` and a trainable head, exactly as ``fedimaging.backbones``
+on ``qkv`` and ``out_proj`` and a trainable head, exactly as ``imaging.backbones``
 builds it. One round = the server→site payload plus the site→server payload.
 
 Usage::
@@ -28,11 +28,11 @@ import torch
 from flwr.app import ArrayRecord
 from peft import LoraConfig, get_peft_model
 
-from fedimaging.backbones import HEAD, VIT_LORA_TARGETS, ModelSpec, ViTClassifier
-from server.record import payload_bytes
-from strategies.lora_math import LORA_A
-from strategies.names import STRATEGIES
-from strategies.wire import encode
+from fedadapt.imaging.backbones import HEAD, VIT_LORA_TARGETS, ModelSpec, ViTClassifier
+from fedadapt.server.record import payload_bytes
+from fedadapt.strategies.lora_math import LORA_A
+from fedadapt.strategies.names import STRATEGIES
+from fedadapt.strategies.wire import encode
 
 VIT_B16 = ModelSpec(image_size=224, patch_size=16, hidden_size=768, mlp_dim=3072,
                     num_layers=12, num_heads=12, num_classes=3, lora_rank=8, lora_alpha=16)
@@ -64,7 +64,7 @@ def accuracy_side_by_side(rounds: int = 3) -> dict[str, float]:
     import json
 
     from fedadapt.config import RunConfig
-    from simulations.runner import simulate
+    from fedadapt.simulations.runner import simulate
 
     out = {}
     for dtype in ("float32", "bfloat16"):

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from fedadapt.config import CONTINUAL_METHODS, RunConfig
-from simulations.runner import simulate
+from fedadapt.simulations.runner import simulate
 
 
 def run(method: str, args: argparse.Namespace, out: Path) -> dict:

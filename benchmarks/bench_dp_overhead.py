@@ -1,6 +1,6 @@
 """DP overhead: DP-LoRA training step time ÷ non-DP LoRA step time, same model and batch.
 
-Builds the default fedadapt model (``fedimaging.backbones.build_model(ModelSpec())``:
+Builds the default fedadapt model (``imaging.backbones.build_model(ModelSpec())``:
 frozen MONAI ViT + PEFT LoRA + head) and times the same fixed batch through
 (a) plain SGD, (b) Opacus DP-SGD with per-sample-gradient hooks (``grad_sample_mode="hooks"``)
 and (c) Opacus ghost clipping (``grad_sample_mode="ghost"``; Li et al., ICLR 2022,
@@ -21,7 +21,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedimaging.backbones import ModelSpec, build_model
+from fedadapt.imaging.backbones import ModelSpec, build_model
 
 
 def _batch(spec: ModelSpec, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from fedadapt.config import RunConfig
-from simulations.runner import simulate
+from fedadapt.simulations.runner import simulate
 
 
 def run(cfg: RunConfig) -> dict:

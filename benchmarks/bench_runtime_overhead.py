@@ -1,7 +1,7 @@
 """Runtime overhead: a federation on Flower's Simulation Engine ÷ the same work in a plain loop.
 
 Both sides run the same RunConfig on the same synthetic hospitals
-(``fedimaging.synthetic.default_sites``): each round, every site loads the global adapter,
+(``imaging.synthetic.default_sites``): each round, every site loads the global adapter,
 trains with ``client.train.train`` (DP-SGD as configured) and evaluates with
 ``client.train.evaluate``; the round ends with a FedAvg weighted by training size. The
 plain loop does this in one process with one model; the federation is
@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from client.train import evaluate, resolve_device, train
+from fedadapt.client.train import evaluate, resolve_device, train
 from fedadapt.config import RunConfig
-from fedimaging.backbones import build_model, load_trainable, trainable_state
-from fedimaging.synthetic import default_sites, make_site_data
-from privacy.dp import DPRequest
-from simulations.runner import simulate
+from fedadapt.imaging.backbones import build_model, load_trainable, trainable_state
+from fedadapt.imaging.synthetic import default_sites, make_site_data
+from fedadapt.privacy.dp import DPRequest
+from fedadapt.simulations.runner import simulate
 
 
 def plain_loop(cfg: RunConfig) -> float:

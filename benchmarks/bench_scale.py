@@ -36,8 +36,8 @@ from pathlib import Path
 import psutil
 
 from fedadapt.config import RunConfig
-from server.tracking import TENSORBOARD_DIR
-from simulations.runner import simulate
+from fedadapt.server.tracking import TENSORBOARD_DIR
+from fedadapt.simulations.runner import simulate
 
 
 class MemorySampler:

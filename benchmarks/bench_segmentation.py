@@ -21,14 +21,14 @@ import warnings
 import torch
 from torch.utils.data import Subset
 
-from client.site import site_from_context
-from client.train import evaluate_metrics, train
+from fedadapt.client.site import site_from_context
+from fedadapt.client.train import evaluate_metrics, train
 from fedadapt import keys
 from fedadapt.cmd_simulate import _with_scenario
 from fedadapt.config import RunConfig
-from fedimaging.backbones import build_model
-from fedimaging.tasks import task_loss
-from privacy.dp import DPRequest
+from fedadapt.imaging.backbones import build_model
+from fedadapt.imaging.tasks import task_loss
+from fedadapt.privacy.dp import DPRequest
 
 CPU = torch.device("cpu")
 

@@ -2,7 +2,7 @@
 
 The default scenario (``RunConfig`` defaults: three synthetic hospitals of 480, 336 and
 192 training records with distinct scanners and label mixes). Three ways to train the
-same model (``fedimaging.backbones.build_model``, LoRA + head, same seed and init) with
+same model (``imaging.backbones.build_model``, LoRA + head, same seed and init) with
 the same budget of ``rounds × local_epochs`` passes over every record:
 
 * **federated**: the real Flower federation, ``simulations.runner.simulate`` (FedAvg of
@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from client.train import evaluate, resolve_device, train
+from fedadapt.client.train import evaluate, resolve_device, train
 from fedadapt.config import RunConfig
-from fedimaging.backbones import build_model
-from fedimaging.synthetic import default_sites, make_site_data
-from privacy.dp import DPRequest
-from simulations.runner import simulate
+from fedadapt.imaging.backbones import build_model
+from fedadapt.imaging.synthetic import default_sites, make_site_data
+from fedadapt.privacy.dp import DPRequest
+from fedadapt.simulations.runner import simulate
 
 INF = math.inf
 NO_CAP = 1e6  # the benchmark measures utility: no site may refuse on its budget

@@ -16,21 +16,21 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.budget import dataset_fingerprint, planned_round, site_dir
-from client.continual import ContinualRound, dp_diagonal_fisher, end_round, plan, rehearsal
-from client.memory import SiteMemory, memory_folder
-from client.replies import digest, load_reply, reply_folder, save_reply
-from client.site import Site, set_threads, site_from_context
-from client.train import evaluate, evaluate_metrics, resolve_device, train
+from fedadapt.client.budget import dataset_fingerprint, planned_round, site_dir
+from fedadapt.client.continual import ContinualRound, dp_diagonal_fisher, end_round, plan, rehearsal
+from fedadapt.client.memory import SiteMemory, memory_folder
+from fedadapt.client.replies import digest, load_reply, reply_folder, save_reply
+from fedadapt.client.site import Site, set_threads, site_from_context
+from fedadapt.client.train import evaluate, evaluate_metrics, resolve_device, train
 from fedadapt import keys
-from fedimaging.backbones import build_model, load_trainable, trainable_state
-from fedimaging.tasks import task_loss
-from privacy.accounting import Mechanism, epsilon
-from privacy.dp import DPRequest
-from privacy.guard import Decision, TrainRequest, is_budget_refusal, noise_for_target
-from privacy.site_budget import SiteBudget, open_site_budget
-from strategies import wire
-from strategies.lora_math import change_rank
+from fedadapt.imaging.backbones import build_model, load_trainable, trainable_state
+from fedadapt.imaging.tasks import task_loss
+from fedadapt.privacy.accounting import Mechanism, epsilon
+from fedadapt.privacy.dp import DPRequest
+from fedadapt.privacy.guard import Decision, TrainRequest, is_budget_refusal, noise_for_target
+from fedadapt.privacy.site_budget import SiteBudget, open_site_budget
+from fedadapt.strategies import wire
+from fedadapt.strategies.lora_math import change_rank
 
 
 def _site(context: Context, run_config: Mapping[str, Any] | None) -> Site:

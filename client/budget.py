@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from fedadapt import keys
 from fedadapt.config import RunConfig
-from privacy.policy import SitePolicy, write_policy
+from fedadapt.privacy.policy import SitePolicy, write_policy
 
 
 class SiteFolderError(RuntimeError):

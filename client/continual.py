@@ -41,12 +41,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from client.memory import SiteMemory
-from client.site import Site
-from continual.ewc import ewc_penalty, trainable_params
-from continual.lwf import distillation_loss
-from continual.olora import lora_a_params, orthogonality_penalty
-from continual.replay import ReservoirBuffer
+from fedadapt.client.memory import SiteMemory
+from fedadapt.client.site import Site
+from fedadapt.continual.ewc import ewc_penalty, trainable_params
+from fedadapt.continual.lwf import distillation_loss
+from fedadapt.continual.olora import lora_a_params, orthogonality_penalty
+from fedadapt.continual.replay import ReservoirBuffer
 
 _PHASE = "cl-phase"  # ConfigRecord: the last phase this site trained in
 _ANCHOR = "cl-anchor"  # ArrayRecord: the global model at the start of the current phase

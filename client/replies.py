@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from client.memory import memory_folder
+from fedadapt.client.memory import memory_folder
 
 REPLY_DIR = "replies"
 KEEP_ROUNDS = 2

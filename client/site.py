@@ -4,7 +4,7 @@ In simulation the site is derived from the run config (the researcher's scenario
 Flower's node config (``partition-id``). A deployed site is described by its own folder:
 the SuperNode's node config names it (``site-dir``, set by ``fedadapt site start``) and
 its ``site.toml`` (``deploy/site_config.py``) gives the site's name, data and device.
-Nothing here is taken from server messages.
+Nothing here is taken from fedadapt.server messages.
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
-from deploy.site_config import SITE_TOML, SiteConfig, load_site_config
+from fedadapt.deploy.site_config import SITE_TOML, SiteConfig, load_site_config
 from fedadapt import keys
 from fedadapt.config import RunConfig
-from fedimaging.backbones import ModelSpec
-from fedimaging.datalist import ImageSpec, load_split
-from fedimaging.medmnist import load_medmnist
-from fedimaging.synthetic import ScannerShift, SiteSpec, default_sites, make_site_data
-from fedimaging.scenario import Scenario, load_scenario, site_data
-from strategies.factory import freezes_lora_a
+from fedadapt.imaging.backbones import ModelSpec
+from fedadapt.imaging.datalist import ImageSpec, load_split
+from fedadapt.imaging.medmnist import load_medmnist
+from fedadapt.imaging.synthetic import ScannerShift, SiteSpec, default_sites, make_site_data
+from fedadapt.imaging.scenario import Scenario, load_scenario, site_data
+from fedadapt.strategies.factory import freezes_lora_a
 
 if TYPE_CHECKING:
-    from continual.scenarios import ContinualScenario
+    from fedadapt.continual.scenarios import ContinualScenario
 
 
 PERSONAL_DIR = "personal"  # <site-dir>/personal/<name>.safetensors
@@ -143,7 +143,7 @@ class Site:
 
     @property
     def task(self) -> str:
-        """The run's task (``fedimaging.tasks.TASKS``): its scenario's, else classification."""
+        """The run's task (``imaging.tasks.TASKS``): its scenario's, else classification."""
         return self.run.task[0]
 
     def model_spec(self) -> ModelSpec:
@@ -154,7 +154,7 @@ class Site:
         """The continual scenario the run follows, or None."""
         if not self.run.is_continual:
             return None
-        from continual.scenarios import ContinualScenario
+        from fedadapt.continual.scenarios import ContinualScenario
 
         return ContinualScenario(self.run.scenario, self.run.num_sites, self.run.phases,
                                  self.run.rounds_per_phase)
@@ -167,7 +167,7 @@ class Site:
             return self._files()
         cl = self.continual()
         if cl is not None:
-            from continual.scenarios import phase_site_data
+            from fedadapt.continual.scenarios import phase_site_data
 
             return phase_site_data(self.spec, cl.site_domain(self.index, phase),
                                    image_size=self.run.image_size,

@@ -1,7 +1,7 @@
 """Local training and evaluation at a site: plain PyTorch, no Flower import.
 
 ``train`` runs SGD, or DP-SGD when given a ``DPRequest``, on the task's loss
-(``fedimaging.tasks.task_loss``: cross-entropy, BCE on logits or Dice + CE);
+(``imaging.tasks.task_loss``: cross-entropy, BCE on logits or Dice + CE);
 ``evaluate_metrics`` returns the loss and the task's metrics, ``evaluate`` the loss and
 the task's score (accuracy, or foreground Dice for segmentation). All run on the device
 they are given, with bf16 autocast on CUDA when ``amp`` is set (autocast covers the
@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from continual.penalty import penalty_step
-from fedimaging.tasks import SCORE, Loss, TaskScores, task_loss
-from privacy.dp import DPRequest, make_private
+from fedadapt.continual.penalty import penalty_step
+from fedadapt.imaging.tasks import SCORE, Loss, TaskScores, task_loss
+from fedadapt.privacy.dp import DPRequest, make_private
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
             (e.g. LwF distillation); it is part of each example's gradient, so under
             DP-SGD it is clipped and noised with it.
         loss_fn: The task loss ``f(logits, y)``, a mean over the batch's examples
-            (``fedimaging.tasks.task_loss``); default cross-entropy.
+            (``imaging.tasks.task_loss``); default cross-entropy.
 
     Returns:
         The round's ``TrainResult``.
@@ -143,7 +143,7 @@ def evaluate_metrics(model: nn.Module, dataset: Dataset, *, batch_size: int,
         num_classes: Output classes (segmentation: with background); 0 takes the model's.
 
     Returns:
-        ``(loss, metrics)``; metrics as ``fedimaging.tasks.TaskScores.result``.
+        ``(loss, metrics)``; metrics as ``imaging.tasks.TaskScores.result``.
     """
     model.to(device).eval()
     loss_fn = task_loss(task)

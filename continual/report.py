@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from continual.metrics import as_matrix, summarize
+from fedadapt.continual.metrics import as_matrix, summarize
 
 __all__ = ["continual_section", "write_heatmap"]
 

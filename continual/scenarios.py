@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.utils.data import TensorDataset
 
-from fedimaging.synthetic import ScannerShift, SiteSpec, make_site_data
+from fedadapt.imaging.synthetic import ScannerShift, SiteSpec, make_site_data
 
 __all__ = ["SCENARIOS", "PhaseDomain", "ContinualScenario", "phase_site_data"]
 

@@ -14,8 +14,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.site_config import SiteConfig, SiteConfigError
-from deploy.site_folder import SiteFolder
+from fedadapt.deploy.site_config import SiteConfig, SiteConfigError
+from fedadapt.deploy.site_folder import SiteFolder
 from fedadapt import keys
 
 ISOLATIONS = ("subprocess", "process")

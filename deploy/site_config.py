@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fedadapt.config import DEVICES
-from fedimaging.datalist import INTENSITY
+from fedadapt.imaging.datalist import INTENSITY
 
 SITE_TOML = "site.toml"
 POLICY_TOML = "policy.toml"
@@ -47,7 +47,7 @@ class SiteConfigError(ValueError):
 class ImageReading:
     """How a site's images on disk are brought to the model's input.
 
-    The model fixes the rest of ``fedimaging.datalist.ImageSpec`` (2-D, one channel,
+    The model fixes the rest of ``imaging.datalist.ImageSpec`` (2-D, one channel,
     the run's ``image-size`` and ``num-classes``, classification).
 
     Attributes:

@@ -14,10 +14,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from deploy.site_config import (LEDGER_DIR, POLICY_TOML, SITE_TOML, SiteConfig, SiteConfigError,
+from fedadapt.deploy.site_config import (LEDGER_DIR, POLICY_TOML, SITE_TOML, SiteConfig, SiteConfigError,
                                 load_site_config, write_site_config)
-from privacy.ledger import read_entries
-from privacy.policy import SitePolicy, policy_from_dict
+from fedadapt.privacy.ledger import read_entries
+from fedadapt.privacy.policy import SitePolicy, policy_from_dict
 
 DATA_DIR = "data"
 SUPEREXEC_SECRET = "superexec.secret"  # shared by this site's SuperNode and its executor

@@ -13,7 +13,7 @@ import argparse
 import json
 
 from fedadapt.cmd_audit_empirical import EMPIRICAL_ONLY, add_empirical_args, run_empirical
-from privacy.audit import audit_ledger, format_table, plot
+from fedadapt.privacy.audit import audit_ledger, format_table, plot
 
 
 def build_audit_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

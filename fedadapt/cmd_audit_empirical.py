@@ -15,8 +15,8 @@ import tomllib
 from typing import Any
 
 from fedadapt.config import RunConfig
-from privacy.canaries import CANARY_TYPES
-from privacy.empirical import BROKEN, STATEMENT, AuditConfig, AuditResult, for_site, run_audit
+from fedadapt.privacy.canaries import CANARY_TYPES
+from fedadapt.privacy.empirical import BROKEN, STATEMENT, AuditConfig, AuditResult, for_site, run_audit
 
 _D = AuditConfig()
 #: argparse dest of every empirical-only option (None when not given on the command line).

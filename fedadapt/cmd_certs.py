@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from deploy.certs import DEFAULT_SANS, generate
+from fedadapt.deploy.certs import DEFAULT_SANS, generate
 
 
 def register(sub: argparse._SubParsersAction) -> None:

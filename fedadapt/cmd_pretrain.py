@@ -8,13 +8,13 @@ from pathlib import Path
 
 from fedadapt.argtypes import positive_int
 
-#: The shipped checkpoint's file name (``fedimaging.backbones.BUILTIN_WEIGHTS``).
-BUILTIN_NAME = "fedimaging/pretrained/vit-default-mae.safetensors"
+#: The shipped checkpoint's file name (``imaging.backbones.BUILTIN_WEIGHTS``).
+BUILTIN_NAME = "imaging/pretrained/vit-default-mae.safetensors"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``fedadapt pretrain`` to the CLI."""
-    # Defaults live in fedimaging.pretrain.PretrainConfig; flags left out keep them, and
+    # Defaults live in imaging.pretrain.PretrainConfig; flags left out keep them, and
     # torch/MONAI are imported only when the command runs.
     p = sub.add_parser(
         "pretrain", help="MAE-pretrain the default ViT backbone on unlabelled synthetic images",
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _pretrain(args: argparse.Namespace) -> int:
     import torch
 
-    from fedimaging.pretrain import PretrainConfig, pretrain, save_encoder
+    from fedadapt.imaging.pretrain import PretrainConfig, pretrain, save_encoder
 
     out = Path(args.out)
     if out.suffix.lower() not in (".safetensors", ".pt", ".pth"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def _report(args: argparse.Namespace) -> int:
-    from fedreport import build_report  # matplotlib only when this command runs
+    from fedadapt.report import build_report  # matplotlib only when this command runs
 
     path = build_report(Path(args.run_dir))
     print(f"report: {path}")

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from deploy.commands import (ISOLATIONS, SUPERLINK_PORT, SuperLinkOptions, shell_line,
+from fedadapt.deploy.commands import (ISOLATIONS, SUPERLINK_PORT, SuperLinkOptions, shell_line,
                              superlink_command)
 
 

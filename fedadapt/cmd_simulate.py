@@ -7,7 +7,7 @@ import argparse
 from fedadapt.argtypes import nonneg_float, positive_int
 from fedadapt.config import (CONTINUAL_METHODS, CONTINUAL_SCENARIOS, DEVICES, ConfigError,
                              RunConfig)
-from strategies.names import STRATEGIES, WIRE_DTYPES
+from fedadapt.strategies.names import STRATEGIES, WIRE_DTYPES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -104,8 +104,8 @@ def _with_scenario(cfg: RunConfig, name_or_path: str, *,
     segmentation, the 3-D ViT) starts from seeded random weights: only the default 2-D
     ViT has a shipped checkpoint.
     """
-    from fedimaging.backbones import backbone_for
-    from fedimaging.scenario import SCENARIO_DIR, load_scenario, scenario_path
+    from fedadapt.imaging.backbones import backbone_for
+    from fedadapt.imaging.scenario import SCENARIO_DIR, load_scenario, scenario_path
 
     try:
         sc = load_scenario(name_or_path)
@@ -132,7 +132,7 @@ def _resumed(flags: RunConfig, run_dir: str) -> RunConfig:
     Flags left at their defaults take the checkpoint's values; a flag set to another
     value than the checkpoint's is an error, except ``--rounds``, which may be raised.
     """
-    from server.checkpoint import CheckpointError, load_checkpoint
+    from fedadapt.server.checkpoint import CheckpointError, load_checkpoint
 
     try:
         ck = load_checkpoint(run_dir)
@@ -192,7 +192,7 @@ def _simulate(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda was given but torch sees no CUDA device; install "
                               "a CUDA build of torch (see README) or use --device auto")
-    from simulations.runner import simulate
+    from fedadapt.simulations.runner import simulate
 
     run_dir = simulate(cfg, gpu_fraction=args.gpu_fraction, verbose=args.verbose)
     print(f"summary: {run_dir / 'summary.json'}\nadapter: {run_dir / 'adapter'}")

@@ -7,10 +7,10 @@ import os
 import sys
 from pathlib import Path
 
-from deploy.commands import (ISOLATIONS, SUPERNODE_PORT, SuperNodeOptions, shell_line,
+from fedadapt.deploy.commands import (ISOLATIONS, SUPERNODE_PORT, SuperNodeOptions, shell_line,
                              supernode_command)
-from deploy.site_config import ImageReading, SiteConfig
-from deploy.site_folder import check_site, init_site
+from fedadapt.deploy.site_config import ImageReading, SiteConfig
+from fedadapt.deploy.site_folder import check_site, init_site
 from fedadapt.config import DEVICES
 
 

@@ -11,10 +11,10 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Mapping
 
-from strategies.names import STRATEGIES, WIRE_DTYPES
+from fedadapt.strategies.names import STRATEGIES, WIRE_DTYPES
 
 if TYPE_CHECKING:
-    from fedimaging.backbones import ModelSpec
+    from fedadapt.imaging.backbones import ModelSpec
 
 DEVICES = ("auto", "cpu", "cuda")
 CONTINUAL_METHODS = ("naive", "ewc", "lwf", "replay", "olora")
@@ -271,7 +271,7 @@ class RunConfig:
 
     def model_spec(self) -> "ModelSpec":
         """The architecture every site and the server build from this config."""
-        from fedimaging.backbones import ModelSpec, backbone_for
+        from fedadapt.imaging.backbones import ModelSpec, backbone_for
 
         task, dims = self.task
         return ModelSpec(image_size=self.image_size, num_classes=self.num_classes,
@@ -289,7 +289,7 @@ class RunConfig:
         """
         if not self.scenario or self.is_continual:
             return "classification", 2
-        from fedimaging.scenario import load_scenario
+        from fedadapt.imaging.scenario import load_scenario
 
         sc = load_scenario(self.scenario)
         if (self.image_size, self.num_classes) != (sc.image_size, sc.num_classes):

@@ -51,7 +51,7 @@ STEPS: Final = "steps"
 SAMPLE_RATE: Final = "sample-rate"
 PARTITION_ID: Final = "partition-id"
 LORA_RANK: Final = "lora-rank"  # the LoRA rank the site trained at (its own, <= the run's)
-# The task's further evaluation metrics (``fedimaging.tasks.TaskScores``), by name:
+# The task's further evaluation metrics (``imaging.tasks.TaskScores``), by name:
 # classification and multilabel add balanced accuracy and ROC AUC; segmentation adds
 # the mean foreground Dice (EVAL_ACC is then the voxel accuracy).
 EVAL_METRICS: Final = {"balanced_accuracy": "eval-balanced-acc", "auc": "eval-auc",

@@ -13,8 +13,8 @@ import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from privacy.accounting import epsilon
-from privacy.ledger import LedgerError, mechanism, read_entries
+from fedadapt.privacy.accounting import epsilon
+from fedadapt.privacy.ledger import LedgerError, mechanism, read_entries
 
 REL_TOL = 1e-6
 

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedimaging.backbones import ModelSpec, ViTClassifier, public_reference_images
+from fedadapt.imaging.backbones import ModelSpec, ViTClassifier, public_reference_images
 
 CANARY_TYPES = ("dirac", "input")
 MARK = 1.0e6
@@ -172,7 +172,7 @@ def _head_owner(model: nn.Module) -> nn.Module:
     found = [mod for mod in model.modules() if isinstance(mod, ViTClassifier)]
     if len(found) != 1:
         raise ValueError("the model holds no single ViTClassifier; Dirac canaries need a "
-                         "model from fedimaging.backbones.build_model")
+                         "model from fedadapt.imaging.backbones.build_model")
     return found[0]
 
 
@@ -180,7 +180,7 @@ def _head(model: nn.Module, suffix: str) -> nn.Module:
     found = [mod for name, mod in model.named_modules() if name.endswith(suffix)]
     if len(found) != 1:
         raise ValueError(f"the model has {len(found)} modules named '*{suffix}', expected one "
-                         f"(a PEFT model from fedimaging.backbones.build_model)")
+                         f"(a PEFT model from fedadapt.imaging.backbones.build_model)")
     return found[0]
 
 

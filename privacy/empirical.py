@@ -41,19 +41,19 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
-from client.budget import planned_round
-from client.site import Site, site_from_context
-from client.train import resolve_device, train
+from fedadapt.client.budget import planned_round
+from fedadapt.client.site import Site, site_from_context
+from fedadapt.client.train import resolve_device, train
 from fedadapt import keys
 from fedadapt.config import RunConfig
-from fedimaging.backbones import build_model
-from privacy import canaries as cn
-from privacy.accounting import ACCOUNTANTS, Mechanism, epsilon
-from privacy.audit_bounds import auroc, one_run_epsilon_lower, tpr_fpr_epsilon_lower
-from privacy.dp import DPRequest
-from privacy.guard import TrainRequest, check, noise_for_target
-from privacy.policy import SitePolicy, load_policy
-from strategies.factory import freezes_lora_a
+from fedadapt.imaging.backbones import build_model
+from fedadapt.privacy import canaries as cn
+from fedadapt.privacy.accounting import ACCOUNTANTS, Mechanism, epsilon
+from fedadapt.privacy.audit_bounds import auroc, one_run_epsilon_lower, tpr_fpr_epsilon_lower
+from fedadapt.privacy.dp import DPRequest
+from fedadapt.privacy.guard import TrainRequest, check, noise_for_target
+from fedadapt.privacy.policy import SitePolicy, load_policy
+from fedadapt.strategies.factory import freezes_lora_a
 
 BROKEN = ("none", "noise-zero", "no-clip", "fixed-batch")
 _NO_CLIP_NORM = 1e6
@@ -200,7 +200,7 @@ def _site_sigma(cfg: AuditConfig, n: int) -> float:
 @contextmanager
 def _fixed_batches() -> Iterator[None]:
     """Swap ``client.train``'s ``make_private`` for one without Poisson sampling."""
-    import client.train as site_train
+    import fedadapt.client.train as site_train
 
     real = site_train.make_private
 

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from privacy.accounting import Mechanism, epsilon
-from privacy.policy import SitePolicy
+from fedadapt.privacy.accounting import Mechanism, epsilon
+from fedadapt.privacy.policy import SitePolicy
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from privacy.accounting import Mechanism
+from fedadapt.privacy.accounting import Mechanism
 
 GENESIS = "0" * 64
 ENTRY_KEYS = ("run_id", "round", "noise_multiplier", "sample_rate", "steps", "clip_norm",

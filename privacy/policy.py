@@ -22,7 +22,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from privacy.accounting import ACCOUNTANTS
+from fedadapt.privacy.accounting import ACCOUNTANTS
 
 
 class PolicyError(ValueError):

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from privacy.accounting import Mechanism, epsilon
-from privacy.guard import Decision, TrainRequest, check
-from privacy.ledger import Ledger, ledger_path
-from privacy.policy import SitePolicy, load_policy
+from fedadapt.privacy.accounting import Mechanism, epsilon
+from fedadapt.privacy.guard import Decision, TrainRequest, check
+from fedadapt.privacy.ledger import Ledger, ledger_path
+from fedadapt.privacy.policy import SitePolicy, load_policy
 
 
 class BudgetExceeded(RuntimeError):

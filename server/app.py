@@ -18,19 +18,19 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedadapt import keys
 from fedadapt.config import RunConfig
-from fedimaging.backbones import build_model, trainable_state
-from server.checkpoint import (EVALUATED, NODE_SITES, resume, save_checkpoint,
+from fedadapt.imaging.backbones import build_model, trainable_state
+from fedadapt.server.checkpoint import (EVALUATED, NODE_SITES, resume, save_checkpoint,
                                spent_node_ids)
-from server.continual import ContinualTracker, collect_fisher, save_fisher, shares_fisher
-from server.cross_site import MAX_SITES, cross_site_eval
-from server.progress import Progress
-from server.record import RoundLog, RunLog, payload_bytes
-from server.rundir import SCHEMA, new_run_dir, save_adapter, write_json_atomic
-from server.report_hook import write_report
-from server.tracking import track_round
-from strategies.factory import build_strategy, freezes_lora_a
-from strategies.lora_math import LORA_A
-from strategies.wire import bytes_per_element, decode, encode_messages, format_problem
+from fedadapt.server.continual import ContinualTracker, collect_fisher, save_fisher, shares_fisher
+from fedadapt.server.cross_site import MAX_SITES, cross_site_eval
+from fedadapt.server.progress import Progress
+from fedadapt.server.record import RoundLog, RunLog, payload_bytes
+from fedadapt.server.rundir import SCHEMA, new_run_dir, save_adapter, write_json_atomic
+from fedadapt.server.report_hook import write_report
+from fedadapt.server.tracking import track_round
+from fedadapt.strategies.factory import build_strategy, freezes_lora_a
+from fedadapt.strategies.lora_math import LORA_A
+from fedadapt.strategies.wire import bytes_per_element, decode, encode_messages, format_problem
 
 ROUND_TIMEOUT_S = RunConfig.round_timeout  # the default of run config `round-timeout`
 

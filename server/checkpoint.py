@@ -39,7 +39,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedadapt.config import RunConfig
-from server.record import RoundLog, RunLog
+from fedadapt.server.record import RoundLog, RunLog
 
 FORMAT = "fedadapt.checkpoint/1"
 FILENAME = "checkpoint.pt"
@@ -131,7 +131,7 @@ def restore_strategy(strategy: Any, state: Mapping[str, Any]) -> None:
         if "rejected" in st:
             s.rejected = {k: list(v) for k, v in st["rejected"].items()}
         if "history" in st:
-            from privacy.accounting import Mechanism
+            from fedadapt.privacy.accounting import Mechanism
 
             s.history = [Mechanism(float(z), float(q), int(n)) for z, q, n in st["history"]]
             s.norms = {k: dict(v) for k, v in st["norms"].items()}

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from safetensors.torch import load_file, save_file
 
-from continual.report import continual_section, write_heatmap
+from fedadapt.continual.report import continual_section, write_heatmap
 from fedadapt import keys
 from fedadapt.config import RunConfig
 

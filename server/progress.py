@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-from server.record import RoundLog
+from fedadapt.server.record import RoundLog
 
 
 class Progress:

@@ -15,7 +15,7 @@ def write_report(run_dir: Path) -> Path | None:
     summary is on disk first and ``fedadapt report RUN_DIR`` can rebuild the report later.
     """
     try:
-        from fedreport import build_report
+        from fedadapt.report import build_report
 
         return build_report(Path(run_dir))
     except Exception as err:  # noqa: BLE001 - a plot must never cost the run its summary

@@ -11,7 +11,7 @@ from typing import Any
 from flwr.app import ArrayRecord
 
 from fedadapt.config import RunConfig
-from fedimaging.backbones import build_model, load_trainable
+from fedadapt.imaging.backbones import build_model, load_trainable
 
 SCHEMA = "fedadapt.summary/1"
 ADAPTER_DIR = "adapter"

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from fedadapt.config import RunConfig
-from server.record import RoundLog
+from fedadapt.server.record import RoundLog
 
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DIR = "mlruns"

@@ -57,15 +57,15 @@ def simulate(cfg: RunConfig, *, gpu_fraction: float = 0.5, verbose: bool = False
         raise ValueError(f"gpu_fraction must be in (0, 1], got {gpu_fraction}")
     from flwr.simulation import run_simulation
 
-    from client.app import build_client_app
-    from server.app import build_server_app
-    from server.rundir import new_run_dir
+    from fedadapt.client.app import build_client_app
+    from fedadapt.server.app import build_server_app
+    from fedadapt.server.rundir import new_run_dir
 
-    from client.budget import provision_simulated_sites
-    from client.site import site_from_context
+    from fedadapt.client.budget import provision_simulated_sites
+    from fedadapt.client.site import site_from_context
 
     if cfg.resume_from:
-        from server.checkpoint import check_config, load_checkpoint
+        from fedadapt.server.checkpoint import check_config, load_checkpoint
 
         run_dir = Path(cfg.resume_from)
         check_config(load_checkpoint(run_dir), cfg, run_dir)

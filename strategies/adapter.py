@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from fedadapt import keys
-from strategies import lora_math
+from fedadapt.strategies import lora_math
 
 RULES = ("mean", "exact", "median", "trimmed-mean")
 

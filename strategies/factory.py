@@ -10,10 +10,10 @@ from flwr.serverapp.strategy import FedAdam, FedProx, FedYogi, Strategy
 
 from fedadapt import keys
 from fedadapt.config import RunConfig
-from strategies.adapter import AdapterAggregation
-from strategies.names import STRATEGIES
-from strategies.site_dp import SiteLevelDP
-from strategies.validation import Validated
+from fedadapt.strategies.adapter import AdapterAggregation
+from fedadapt.strategies.names import STRATEGIES
+from fedadapt.strategies.site_dp import SiteLevelDP
+from fedadapt.strategies.validation import Validated
 
 # Strategies whose sites keep lora_A frozen at the shared seed and send only B (+ head).
 FROZEN_A = frozenset({"ffa-lora"})

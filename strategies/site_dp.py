@@ -26,8 +26,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedadapt import keys
-from privacy.accounting import Mechanism, epsilon
-from strategies.wrapper import StrategyWrapper
+from fedadapt.privacy.accounting import Mechanism, epsilon
+from fedadapt.strategies.wrapper import StrategyWrapper
 
 
 def clip_update(update: dict[str, torch.Tensor], clip_norm: float) -> tuple[dict[str, torch.Tensor], float]:

@@ -22,8 +22,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedadapt import keys
-from strategies import wire
-from strategies.wrapper import StrategyWrapper
+from fedadapt.strategies import wire
+from fedadapt.strategies.wrapper import StrategyWrapper
 
 
 def _site(reply: Message) -> str:

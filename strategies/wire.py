@@ -22,7 +22,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message
 
 from fedadapt import keys
-from strategies.names import WIRE_DTYPES
+from fedadapt.strategies.names import WIRE_DTYPES
 
 RAW_STYPE = "fedadapt.torch-raw"  # raw little-endian tensor bytes, dtype = torch dtype name
 NUMPY_STYPE = "numpy.ndarray"  # Flower's own serialisation (np.save bytes)

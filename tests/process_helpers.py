@@ -154,7 +154,7 @@ class Federation:
         args = ["server", "start", "--certs", str(self.certs), "--port", str(self.port),
                 "--database", str(self.root / "state.db"), "--isolation", "process"]
         if not via_cli:
-            from deploy.commands import SuperLinkOptions, superlink_command
+            from fedadapt.deploy.commands import SuperLinkOptions, superlink_command
 
             args = superlink_command(SuperLinkOptions(
                 certs=self.certs, port=self.port, database=str(self.root / "state.db"),
@@ -190,8 +190,8 @@ class Federation:
         superlink, ca = f"127.0.0.1:{self.port}", self.certs / "ca.pem"
         key, port = self.certs / "sites" / site / "auth.key", node_port or free_port()
         if not via_cli:
-            from deploy.commands import SuperNodeOptions, supernode_command
-            from deploy.site_folder import check_site
+            from fedadapt.deploy.commands import SuperNodeOptions, supernode_command
+            from fedadapt.deploy.site_folder import check_site
 
             cfg = check_site(self.site_dir(site))
             return self.start(supernode_command(self.site_dir(site), cfg, SuperNodeOptions(

@@ -1,5 +1,0 @@
-"""Run reports: PNG plots and a self-contained ``report.html`` built from ``summary.json``."""
-
-from fedreport.html import ReportError, build_report, load_summary
-
-__all__ = ["ReportError", "build_report", "load_summary"]

@@ -1,0 +1,173 @@
+"""Multi-site scenarios described in TOML (shipped ones in ``simulations/scenarios/*.toml``).
+
+A scenario names the task, dimensionality and image size, and lists its sites. It is
+site data (which images a hospital holds and how its scanner shows them), so it lives
+with the imaging code: ``client/`` reads it without importing ``simulations/``. A
+synthetic site gives its size, label mix and scanner shift (intensity scale, gamma
+contrast curve, noise, blur/resolution loss, bias field); a real site gives a datalist
+(relative to the TOML file) and how its images are read. Everything is deterministic
+by the scenario's seed::
+
+    name = "three-hospitals"
+    task = "classification"        # or "multilabel" (datalist sites) or "segmentation"
+    spatial_dims = 2
+    image_size = 32
+    num_classes = 3
+    seed = 0
+
+    [[site]]
+    name = "hospital-a"
+    train_size = 400
+    test_size = 100
+    label_weights = [1.0, 1.0, 1.0]
+    shift = { intensity_scale = 1.2, gamma = 0.8, noise_std = 0.03, bias_coeff = 0.1 }
+
+    [[site]]
+    name = "hospital-real"
+    datalist = "data/hospital-real.json"
+    image = { intensity = "normalize", pixdim = [1.0, 1.0] }
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from fedadapt.imaging.datalist import ImageSpec, load_split
+from fedadapt.imaging.synthetic import ScannerShift, SiteSpec, _scan, make_site_data
+from fedadapt.imaging.tasks import synthetic_segmentation
+
+#: The shipped scenarios (data files of the ``simulations`` package).
+SCENARIO_DIR = Path(__file__).resolve().parent.parent / "simulations" / "scenarios"
+TASKS = ("classification", "multilabel", "segmentation")
+_TOP = {"name", "task", "spatial_dims", "image_size", "num_classes", "seed", "site"}
+_SITE = {"name", "train_size", "test_size", "label_weights", "shift", "datalist", "image"}
+
+
+@dataclass(frozen=True)
+class ScenarioSite:
+    """A site: synthetic (``spec``) or from files (``datalist`` + ``image``)."""
+
+    spec: SiteSpec
+    datalist: Path | None = None
+    image: ImageSpec | None = None
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A parsed scenario; see the module doc for the TOML layout."""
+
+    name: str
+    task: str
+    spatial_dims: int
+    image_size: int
+    num_classes: int
+    seed: int
+    sites: tuple[ScenarioSite, ...]
+
+
+def scenario_path(name_or_path: str | Path) -> Path:
+    """A shipped scenario by name, or a TOML file by path."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        if not p.is_file():
+            raise ValueError(f"scenario file {p} not found")
+        return p
+    shipped = SCENARIO_DIR / f"{name_or_path}.toml"
+    if not shipped.is_file():
+        known = sorted(f.stem for f in SCENARIO_DIR.glob("*.toml"))
+        raise ValueError(f"unknown scenario {name_or_path!r}; shipped: {known}, or give a "
+                         ".toml path")
+    return shipped
+
+
+def load_scenario(name_or_path: str | Path) -> Scenario:
+    """Parse and validate a scenario; errors name the file, the key and the fix."""
+    path = scenario_path(name_or_path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"scenario {path}: not valid TOML ({e})") from e
+    _no_unknown(doc, _TOP, f"scenario {path}")
+    task = doc.get("task", "classification")
+    if task not in TASKS:
+        raise ValueError(f"scenario {path}: task={task!r}; use one of {TASKS}")
+    dims, size = int(doc.get("spatial_dims", 2)), int(doc.get("image_size", 32))
+    k = int(doc.get("num_classes", 3 if task == "classification" else 2))
+    if dims not in (2, 3):
+        raise ValueError(f"scenario {path}: spatial_dims={dims}; use 2 or 3")
+    raw_sites = doc.get("site", [])
+    if not raw_sites:
+        raise ValueError(f"scenario {path}: no [[site]] tables; add at least one site")
+    sites = []
+    for i, s in enumerate(raw_sites):
+        where = f"scenario {path}: site[{i}]"
+        _no_unknown(s, _SITE, where)
+        if "name" not in s:
+            raise ValueError(f"{where}: missing 'name'")
+        shift = ScannerShift(**_only(s.get("shift", {}), ScannerShift, f"{where}.shift"))
+        if "datalist" in s:
+            image = ImageSpec(**{"spatial_dims": dims, "spatial_size": (size,) * dims,
+                                 "task": task, "num_classes": k,
+                                 **_tuples(_only(s.get("image", {}), ImageSpec,
+                                                 f"{where}.image"))})
+            spec = SiteSpec(s["name"], 0, 0, shift)
+            sites.append(ScenarioSite(spec, (path.parent / s["datalist"]).resolve(), image))
+            continue
+        if task == "multilabel":
+            raise ValueError(f"{where}: a multilabel scenario needs a 'datalist' per site "
+                             "(0/1 label vectors); synthetic sites are single-label")
+        if task == "classification" and dims != 2:
+            raise ValueError(f"{where}: synthetic classification is 2-D only; give a "
+                             "'datalist' for 3-D classification")
+        for key in ("train_size", "test_size"):
+            if not isinstance(s.get(key), int) or s[key] < 1:
+                raise ValueError(f"{where}: '{key}' must be a positive integer, found "
+                                 f"{s.get(key)!r} (or give a 'datalist')")
+        weights = tuple(float(w) for w in s.get("label_weights", (1.0,) * 3))
+        sites.append(ScenarioSite(SiteSpec(s["name"], s["train_size"], s["test_size"], shift,
+                                           weights)))
+    return Scenario(str(doc.get("name", path.stem)), task, dims, size, k,
+                    int(doc.get("seed", 0)), tuple(sites))
+
+
+def site_data(sc: Scenario, index: int) -> tuple[TensorDataset, TensorDataset]:
+    """``(train, test)`` of site ``index``: read from its datalist or generated by seed."""
+    site = sc.sites[index]
+    if site.datalist is not None:
+        assert site.image is not None
+        return (load_split(site.datalist, "training", site.image),
+                load_split(site.datalist, "test", site.image))
+    if sc.task == "classification":
+        return make_site_data(site.spec, image_size=sc.image_size, num_classes=sc.num_classes,
+                              seed=sc.seed, site_index=index)
+    n = site.spec.train_size + site.spec.test_size
+    clean = synthetic_segmentation(n, sc.image_size, seed=sc.seed * 1000 + index,
+                                   spatial_dims=sc.spatial_dims, noise=0.0)
+    masks = clean.tensors[1]
+    rng = np.random.default_rng([sc.seed, index, 7])
+    base = 0.1 + 0.7 * clean.tensors[0].numpy()
+    x = torch.from_numpy(np.stack([_scan(b[0], site.spec.shift, rng) for b in base]))
+    tr = site.spec.train_size
+    return TensorDataset(x[:tr], masks[:tr]), TensorDataset(x[tr:], masks[tr:])
+
+
+def _no_unknown(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def _only(table: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
+    _no_unknown(table, {f.name for f in fields(cls)}, where)
+    return dict(table)
+
+
+def _tuples(table: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
