@@ -17,6 +17,22 @@ from typing import Any, Callable
 from fedadapt import keys
 from fedadapt.config import RunConfig
 
+#: Flower 1.41 marks ``flwr.simulation.run_simulation`` deprecated in favour of
+#: ``flwr run`` (a local SuperLink in separate processes) and has no public in-process
+#: replacement. ``fedadapt simulate`` keeps the in-process engine (one Ray start, the apps
+#: built with their run config in this process) and hides only that one notice; the
+#: same apps run unchanged under ``flwr run .`` (``tests/simulations/test_flwr_run.py``),
+#: which is the migration path once Flower removes the function.
+RUN_SIMULATION_NOTICE = "`run_simulation` function is deprecated"
+
+
+class _HideRunSimulationNotice(logging.Filter):
+    """Drops Flower's deprecation notice of ``run_simulation`` and nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (str(record.msg).startswith("DEPRECATED FEATURE")
+                    and any(RUN_SIMULATION_NOTICE in str(a) for a in (record.args or ())))
+
 
 def backend_config(cfg: RunConfig, *, gpu_fraction: float) -> dict:
     """Ray resources: one CPU per site; a GPU fraction per site when CUDA is used."""
@@ -81,17 +97,23 @@ def simulate(cfg: RunConfig, *, gpu_fraction: float = 0.5, verbose: bool = False
                                            keys.NODE_NUM_PARTITIONS: cfg.num_sites}).name
              for i in range(cfg.num_sites)]
     provision_simulated_sites(cfg, Path(cfg.sites_dir), names)
+    flwr_log = logging.getLogger("flwr")
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        flwr_log.setLevel(logging.WARNING)
+    notice = _HideRunSimulationNotice()
+    flwr_log.addFilter(notice)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        server_app, client_app = (apps(overrides, run_dir) if apps else
-                                  (build_server_app(overrides, run_dir),
-                                   build_client_app(overrides)))
-        run_simulation(server_app=server_app, client_app=client_app,
-                       num_supernodes=cfg.num_sites,
-                       backend_config=backend_config(cfg, gpu_fraction=gpu_fraction))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            server_app, client_app = (apps(overrides, run_dir) if apps else
+                                      (build_server_app(overrides, run_dir),
+                                       build_client_app(overrides)))
+            run_simulation(server_app=server_app, client_app=client_app,
+                           num_supernodes=cfg.num_sites,
+                           backend_config=backend_config(cfg, gpu_fraction=gpu_fraction))
+    finally:
+        flwr_log.removeFilter(notice)
     summary = run_dir / "summary.json"
     if not summary.exists() or summary.stat().st_mtime < started:
         raise RuntimeError(f"the simulation ended without writing {run_dir / 'summary.json'}; "
