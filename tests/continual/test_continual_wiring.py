@@ -13,7 +13,6 @@ from fedadapt.continual.ewc import diagonal_fisher
 from fedadapt import keys
 from fedadapt.config import ConfigError, RunConfig
 from fedadapt.server.continual import ContinualTracker, phase_scores
-from tests.flower_helpers import task_identity  # noqa: F401 (fixture)
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")

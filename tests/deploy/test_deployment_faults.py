@@ -37,7 +37,6 @@ from flwr.app import Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
 from fedadapt.server.checkpoint import EVALUATED
-from tests.flower_helpers import task_identity  # noqa: F401 (fixture)
 from tests.process_helpers import BIN, CONNECTION, Federation, kill, wait_for
 
 needs_flower = pytest.mark.skipif(not (BIN / "flower-superlink").exists(),

@@ -13,7 +13,6 @@ from PIL import Image
 from fedadapt import keys
 from fedadapt.cli import main
 from fedadapt.config import RunConfig
-from tests.flower_helpers import task_identity  # noqa: F401 (fixture)
 from tests.test_segmentation_e2e import site_round
 
 

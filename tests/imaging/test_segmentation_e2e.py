@@ -31,7 +31,6 @@ from fedadapt.imaging.backbones import build_model, registry_base, trainable_sta
 from fedadapt.imaging.tasks import synthetic_segmentation
 from fedadapt.privacy.audit import audit_ledger
 from fedadapt.privacy.ledger import mechanism, read_entries
-from tests.flower_helpers import task_identity  # noqa: F401 (fixture)
 
 SIGMA = 1.2
 

@@ -13,7 +13,7 @@ from fedadapt import keys
 from fedadapt.config import RunConfig
 from fedadapt.strategies.factory import build_strategy
 from fedadapt.strategies.site_dp import SiteLevelDP, clip_update
-from tests.flower_helpers import FakeGrid, task_identity  # noqa: F401 (fixture)
+from tests.flower_helpers import FakeGrid
 
 A, B = "m.qkv.lora_A.default.weight", "m.qkv.lora_B.default.weight"
 

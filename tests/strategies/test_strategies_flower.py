@@ -12,7 +12,7 @@ from fedadapt.strategies import lora_math as lm
 from fedadapt.strategies import wire
 from fedadapt.strategies.factory import build_strategy
 from fedadapt.strategies.validation import Validated
-from tests.flower_helpers import FakeGrid, task_identity  # noqa: F401 (fixture)
+from tests.flower_helpers import FakeGrid
 
 A, B = "m.qkv.lora_A.default.weight", "m.qkv.lora_B.default.weight"
 HEAD = "head.modules_to_save.default.weight"
