@@ -65,8 +65,12 @@ REPO_FILES = ("pyproject.toml", "README.md", "BENCHMARKS.md", "ARCHITECTURE.md",
 _PATH_RE = re.compile(r"^(?:%s)(?:/[A-Za-z0-9_.*-]+)*/?$" % "|".join(
     re.escape(d) for d in REPO_DIRS))
 _DOTTED_RE = re.compile(r"^fedadapt(?:\.[A-Za-z_][A-Za-z0-9_]*)+(?::[A-Za-z_]\w*)?(?:\(\))?$")
-_SHORT_RE = re.compile(r"^(?:server|client|strategies|privacy|simulations|continual|imaging|"
-                       r"report|deploy)\.[a-z_]+\.[A-Za-z_][\w.]*$")
+# An old-style module name (`client.train.train`, `server.app:app`): package, module and
+# an attribute (two parts alone read like a file name: `report.html`).
+_SHORT_RE = re.compile(r"^(server|client|strategies|privacy|simulations|continual|imaging|"
+                       r"report|deploy)\.([a-z_]+)(?:(?:\.[A-Za-z_]\w*)+(?::\w+)?|:\w+)(?:\(\))?$")
+# Names of packages that no longer exist (now fedadapt.imaging, fedadapt.report).
+RETIRED = ("fedimaging", "fedreport")
 _CODE_RE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
 _FENCE_RE = re.compile(r"^(```|~~~).*?^\1\s*$", re.S | re.M)
 
@@ -312,9 +316,14 @@ def stale_references(markdown: str) -> list[str]:
     problems = []
     for code in sorted(set(_CODE_RE.findall(_FENCE_RE.sub("", markdown)))):
         code = code.strip()
-        if code in REPO_FILES:
+        if code.split("/")[0].split(".")[0] in RETIRED:
+            problems.append(f"`{code}`: {code.split('/')[0].split('.')[0]} is retired; "
+                            "it is fedadapt.imaging / fedadapt.report now")
+        elif code in REPO_FILES:
             if not (REPO / code).exists():
                 problems.append(f"`{code}` does not exist in the repository")
+        elif "..." in code:
+            continue
         elif _PATH_RE.match(code):
             if not glob.glob(str(REPO / code)):
                 problems.append(f"`{code}` does not exist in the repository")
@@ -322,7 +331,7 @@ def stale_references(markdown: str) -> list[str]:
             why = _unresolved(code)
             if why:
                 problems.append(f"`{code}`: {why}")
-        elif _SHORT_RE.match(code):
+        elif (m := _SHORT_RE.match(code)) and (REPO / m.group(1) / f"{m.group(2)}.py").is_file():
             problems.append(f"`{code}`: write the installed name `fedadapt.{code}`")
     return problems
 
