@@ -16,6 +16,8 @@ from typing import Iterable
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 ACCOUNTANTS = ("rdp", "prv")
+SIGMA_ACCOUNTED_MAX = 100.0  # larger σ is accounted as this (ε falls with σ: an upper bound)
+PRV_RDP_LIMIT = 100.0  # PRV answers with RDP's ε above it (PRV's grid would need >100 GiB)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,10 @@ def epsilon(history: Iterable[Mechanism], *, delta: float, accountant: str = "rd
         accountant: ``rdp`` (Opacus RDP, the default) or ``prv`` (Opacus PRV).
 
     Returns:
-        ε; 0.0 for an empty history.
+        ε; 0.0 for an empty history. σ above :data:`SIGMA_ACCOUNTED_MAX` is accounted as
+        that value (Opacus' RDP does not terminate for σ = inf); with ``prv``, a history
+        whose RDP ε exceeds :data:`PRV_RDP_LIMIT` gets the RDP ε (both are upper
+        bounds; PRV's discretisation grid would not fit in memory).
 
     Raises:
         ValueError: On an unknown accountant or a δ outside (0, 1).
@@ -60,9 +65,15 @@ def epsilon(history: Iterable[Mechanism], *, delta: float, accountant: str = "rd
         raise ValueError(f"unknown accountant {accountant!r}; use one of {ACCOUNTANTS}")
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
-    steps = [(m.noise_multiplier, m.sample_rate, m.steps) for m in history if m.steps > 0]
+    steps = [(min(m.noise_multiplier, SIGMA_ACCOUNTED_MAX), m.sample_rate, m.steps)
+             for m in history if m.steps > 0]
     if not steps:
         return 0.0
-    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    rdp = RDPAccountant()
+    rdp.history = list(steps)
+    eps_rdp = float(rdp.get_epsilon(delta=delta))
+    if accountant == "rdp" or eps_rdp > PRV_RDP_LIMIT:
+        return eps_rdp
+    acc = PRVAccountant()
     acc.history = list(steps)
     return float(acc.get_epsilon(delta=delta))
