@@ -39,7 +39,8 @@ class BudgetExceeded(RuntimeError):
 
 def dataset_ledger_path(ledger_dir: str | Path, site: str, dataset_id: str) -> Path:
     """The format-2 ledger of ``site`` for a declared dataset id."""
-    return Path(ledger_dir) / f"{site}-ds-{hashlib.sha256(dataset_id.encode()).hexdigest()[:16]}.jsonl"
+    digest = hashlib.sha256(dataset_id.encode()).hexdigest()[:16]
+    return Path(ledger_dir) / f"{site}-ds-{digest}.jsonl"
 
 
 @dataclass(frozen=True)

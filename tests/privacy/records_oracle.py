@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from functools import lru_cache
 from pathlib import Path
 
 from opacus.accountants import RDPAccountant
 
 
 def rdp_epsilon(mechs: list[tuple[float, float, int]], delta: float) -> float:
-    mechs = [m for m in mechs if m[2] > 0]
+    """ε of the composition, from a fresh ``opacus.accountants.RDPAccountant``."""
+    return _rdp(tuple(sorted(tuple(m) for m in mechs if m[2] > 0)), delta)
+
+
+@lru_cache(maxsize=None)
+def _rdp(mechs: tuple, delta: float) -> float:
     if not mechs:
         return 0.0
     acc = RDPAccountant()

@@ -30,12 +30,13 @@ from fedadapt.privacy.policy import SitePolicy, write_policy
 from fedadapt.privacy.site_budget import BudgetExceeded
 from tests.privacy.records_oracle import ledger_mechanisms_per_record, rdp_epsilon
 
-CAP, DELTA = 2.0, 1e-3
+CAP, DELTA = 1.5, 1e-3
 EDITS = ("permute", "add", "remove", "dtype", "pixel", "size")
 
 edit = st.tuples(st.sampled_from(EDITS), st.integers(0, 1000))
-train_round = st.tuples(st.just("round"), st.floats(0.9, 2.5), st.integers(1, 12))
-steps_st = st.lists(st.one_of(edit, train_round), min_size=2, max_size=10)
+train_round = st.tuples(st.just("round"), st.sampled_from([2.0, 3.0, 5.0]),
+                        st.integers(1, 3))
+steps_st = st.lists(st.one_of(edit, train_round), min_size=2, max_size=8)
 
 
 class SiteData:
@@ -132,12 +133,12 @@ def test_the_six_variants_of_issue_19_share_one_budget(tmp_path):
     """Issue 19's case: the same data re-ordered, +1 record, -1 record, float64, a pixel
     +1e-7 and another image size used to get six fresh budgets; now the records common
     to all variants stop at the cap."""
-    steps = [("round", 1.0, 4)]
+    steps = [("round", 3.0, 1)]
     for kind in ("permute", "add", "remove", "dtype", "pixel", "size"):
-        steps += [(kind, 3), ("round", 1.0, 4)]
+        steps += [(kind, 3), ("round", 3.0, 1)]
     truth = run_sequence(tmp_path, steps)
-    q, n_steps = planned_round(5, batch_size=2, epochs=4)
-    assert rdp_epsilon([(1.0, q, n_steps)] * 7, DELTA) > CAP  # seven fresh budgets: over
+    q, n_steps = planned_round(5, batch_size=2, epochs=1)
+    assert rdp_epsilon([(3.0, q, n_steps)] * 7, DELTA) > CAP  # seven fresh budgets: over
     common = [p for p, m in truth.items() if len(m) == max(map(len, truth.values()))]
     assert common and 1 <= len(truth[common[0]]) < 7  # some rounds trained, not all seven
     worst = max(rdp_epsilon(m, DELTA) for m in truth.values())
