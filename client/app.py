@@ -16,7 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedadapt.client.budget import dataset_fingerprint, planned_round, site_dir
+from fedadapt.client.budget import dataset_budgets, planned_round, site_dir
 from fedadapt.client.continual import ContinualRound, dp_diagonal_fisher, end_round, plan, rehearsal
 from fedadapt.client.memory import SiteMemory, memory_folder
 from fedadapt.client.replies import digest, load_reply, reply_folder, save_reply
@@ -28,7 +28,7 @@ from fedadapt.imaging.tasks import task_loss
 from fedadapt.privacy.accounting import Mechanism, epsilon
 from fedadapt.privacy.dp import DPRequest
 from fedadapt.privacy.guard import Decision, TrainRequest, is_budget_refusal, noise_for_target
-from fedadapt.privacy.site_budget import SiteBudget, open_site_budget
+from fedadapt.privacy.record_budget import RecordBudget
 from fedadapt.strategies import wire
 from fedadapt.strategies.lora_math import change_rank
 
@@ -110,7 +110,7 @@ def _teacher(site: Site, msg: Message, anchor: dict):
 
 
 def _dp_fisher(site: Site, context: Context, model, phase: int, req, *, run_id: str,
-               rnd: int) -> tuple[dict, float, SiteBudget]:
+               rnd: int) -> tuple[dict, float, RecordBudget]:
     """EWC's Fisher on the site's ``phase`` data, under DP and charged to that data's
     ledger (guard first; a refusal refuses the round).
 
@@ -118,8 +118,8 @@ def _dp_fisher(site: Site, context: Context, model, phase: int, req, *, run_id: 
         The Fisher, the data's total ε after it (0 without DP) and its budget.
     """
     data, _ = site.datasets(phase)
-    budget = open_site_budget(site_dir(site.name, site.run, context.node_config), site.name,
-                              dataset_fingerprint(data), n_records=len(data))
+    (budget,) = dataset_budgets(site_dir(site.name, site.run, context.node_config),
+                                site.name, [data])
     sigma = float(req[keys.NOISE_MULTIPLIER]) if bool(req[keys.DP_ENABLED]) else 0.0
     request = TrainRequest(sigma, site.run.ewc_clip, 1.0, 1)
     decision = budget.decide(request, run_id=run_id)
@@ -132,15 +132,10 @@ def _dp_fisher(site: Site, context: Context, model, phase: int, req, *, run_id: 
     return fisher, eps, budget
 
 
-def _budgets(site: Site, context: Context, datasets) -> list[SiteBudget]:
-    """The budget (policy + ledger) of each distinct dataset a round draws records from."""
-    folder = site_dir(site.name, site.run, context.node_config)
-    out: dict[str, SiteBudget] = {}
-    for d in datasets:
-        fp = dataset_fingerprint(d)
-        if fp not in out:
-            out[fp] = open_site_budget(folder, site.name, fp, n_records=len(d))
-    return list(out.values())
+def _budgets(site: Site, context: Context, datasets) -> list[RecordBudget]:
+    """The per-record budget of each declared dataset a round draws records from."""
+    return dataset_budgets(site_dir(site.name, site.run, context.node_config), site.name,
+                           datasets)
 
 
 def _shared_fisher(msg: Message) -> dict | None:

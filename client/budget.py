@@ -19,7 +19,10 @@ from torch.utils.data import Dataset, TensorDataset
 
 from fedadapt import keys
 from fedadapt.config import RunConfig
+from fedadapt.privacy.identity import DatasetIdentity, identity_of
 from fedadapt.privacy.policy import SitePolicy, write_policy
+from fedadapt.privacy.record_budget import RecordBudget
+from fedadapt.privacy.site_budget import open_site_budget
 
 
 class SiteFolderError(RuntimeError):
@@ -44,11 +47,34 @@ def site_dir(site_name: str, run: RunConfig, node_config: Mapping[str, Any]) -> 
         f"`fedadapt site init`), or, for a simulation, set the run config 'sites-dir'")
 
 
-def dataset_fingerprint(dataset: Dataset) -> str:
-    """sha256 over a training set's tensors: the identity its ledger is kept for.
+def dataset_budgets(folder: Path, site: str, datasets: Iterable[Dataset]
+                    ) -> list[RecordBudget]:
+    """The per-record budget of each declared dataset a round draws records from.
 
-    The same records give the same fingerprint in every run, so spending on them
-    composes across runs and federations.
+    Each dataset must carry its record identity (``privacy.identity``; the datasets of
+    ``Site.datasets`` do); two datasets declaring one dataset id are charged as one (the
+    union of their records). A round is then allowed only if it fits the cap for every
+    record it may touch, composed over every ledger of the site.
+
+    Raises:
+        privacy.identity.IdentityError: If a dataset has no identity (fail closed).
+    """
+    merged: dict[str, tuple[DatasetIdentity, int]] = {}
+    for d in datasets:
+        ident = identity_of(d)
+        if ident.dataset_id in merged:
+            old, n = merged[ident.dataset_id]
+            ident = DatasetIdentity(ident.dataset_id, old.record_ids + tuple(
+                r for r in ident.record_ids if r not in old.records))
+        merged[ident.dataset_id] = (ident, len(ident.record_ids))
+    return [open_site_budget(folder, site, "", n_records=n, identity=ident)  # type: ignore[misc]
+            for ident, n in merged.values()]
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """sha256 over a training set's tensors: the key of format-1 ledgers (before
+    per-record accounting; kept for reading them). Any change of bytes changes it, so
+    it is no longer what a budget is kept under (see :func:`dataset_budgets`).
     """
     h = hashlib.sha256()
     tensors: Iterable[torch.Tensor]

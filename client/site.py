@@ -24,10 +24,11 @@ from fedadapt.deploy.site_config import SITE_TOML, SiteConfig, load_site_config
 from fedadapt import keys
 from fedadapt.config import RunConfig
 from fedadapt.imaging.backbones import ModelSpec
-from fedadapt.imaging.datalist import ImageSpec, load_split
-from fedadapt.imaging.medmnist import load_medmnist
+from fedadapt.imaging.datalist import ImageSpec, datalist_identity, load_split
+from fedadapt.imaging.medmnist import load_medmnist, medmnist_identity
 from fedadapt.imaging.synthetic import ScannerShift, SiteSpec, default_sites, make_site_data
 from fedadapt.imaging.scenario import Scenario, load_scenario, site_data
+from fedadapt.privacy.identity import DatasetIdentity, attach, synthetic_identity
 from fedadapt.strategies.factory import freezes_lora_a
 
 if TYPE_CHECKING:
@@ -162,22 +163,38 @@ class Site:
     def datasets(self, phase: int = 0) -> tuple[TensorDataset, TensorDataset]:
         """``(train, test)`` for this site: a deployed site's files (datalist or MedMNIST),
         else from its scenario (files or generated), else, in a continual scenario, its
-        data in phase ``phase``'s domain, else generated locally and deterministically."""
+        data in phase ``phase``'s domain, else generated locally and deterministically.
+
+        The training set carries its record identity (``privacy.identity``), which its
+        privacy budget is kept under."""
         if self.config is not None and not self.config.synthetic:
             return self._files()
         cl = self.continual()
         if cl is not None:
             from fedadapt.continual.scenarios import phase_site_data
 
-            return phase_site_data(self.spec, cl.site_domain(self.index, phase),
-                                   image_size=self.run.image_size,
-                                   num_classes=self.run.num_classes, seed=self.run.seed,
-                                   site_index=self.index, phase=phase)
+            train, test = phase_site_data(self.spec, cl.site_domain(self.index, phase),
+                                          image_size=self.run.image_size,
+                                          num_classes=self.run.num_classes, seed=self.run.seed,
+                                          site_index=self.index, phase=phase)
+            return self._synthetic(train, f"{cl.name}:phase{phase}"), test
         if self.scenario is not None:
-            return site_data(self.scenario, self.index)
-        return make_site_data(self.spec, image_size=self.run.image_size,
-                              num_classes=self.run.num_classes, seed=self.run.seed,
-                              site_index=self.index)
+            train, test = site_data(self.scenario, self.index)
+            datalist = self.scenario.sites[self.index].datalist
+            if datalist is not None:
+                return attach(train, datalist_identity(datalist, "training")), test
+            return self._synthetic(train, f"scenario:{self.scenario.name}",
+                                   self.scenario.seed), test
+        train, test = make_site_data(self.spec, image_size=self.run.image_size,
+                                     num_classes=self.run.num_classes, seed=self.run.seed,
+                                     site_index=self.index)
+        return self._synthetic(train, "default"), test
+
+    def _synthetic(self, train: TensorDataset, scope: str, seed: int | None = None
+                   ) -> TensorDataset:
+        """Generated records: ids from site, scope and seed (not from image size)."""
+        seed = self.run.seed if seed is None else seed
+        return attach(train, synthetic_identity(self.name, scope, seed, len(train)))
 
     def _files(self) -> tuple[TensorDataset, TensorDataset]:
         """A deployed site's images from disk, read as the shared model expects them."""
@@ -189,9 +206,17 @@ class Site:
                          spatial_size=(model.image_size,) * model.spatial_dims,
                          resize=img.resize, pixdim=img.pixdim, intensity=img.intensity,
                          task=model.task, num_classes=model.num_classes)
+        declared = self.config.dataset_id or None
         if path.suffix == ".npz":  # MedMNIST (Yang et al., 2023)
-            return load_medmnist(path, "train", spec), load_medmnist(path, "test", spec)
-        return load_split(path, "training", spec), load_split(path, "test", spec)
+            identity = medmnist_identity(path, "train", dataset_id=declared
+                                         or f"{self.name}:{self.config.data}")
+            return (attach(load_medmnist(path, "train", spec), identity),
+                    load_medmnist(path, "test", spec))
+        identity = datalist_identity(path, "training", dataset_id=declared)
+        if declared is None and identity.dataset_id == f"datalist:{path.name}":
+            identity = DatasetIdentity(f"{self.name}:{self.config.data}", identity.record_ids)
+        return (attach(load_split(path, "training", spec), identity),
+                load_split(path, "test", spec))
 
 
 def site_from_context(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Site:

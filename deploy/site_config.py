@@ -99,6 +99,10 @@ class SiteConfig:
             federation operator; it seeds the site's sampling.
         num_sites: Sites in the federation.
         image: How images on disk are read (unused for ``synthetic``).
+        dataset_id: The site-declared identity of its training data: its privacy budget
+            is kept under it, per record (``docs/privacy/identity.md``). Keep it when the
+            images are re-exported. Empty: the datalist's ``dataset_id``, else
+            ``<name>:<data>``.
     """
 
     name: str
@@ -109,9 +113,14 @@ class SiteConfig:
     partition_id: int = 0
     num_sites: int = 1
     image: ImageReading = field(default_factory=ImageReading)
+    dataset_id: str = ""
 
     def __post_init__(self) -> None:
         errors = []
+        if not isinstance(self.dataset_id, str) or (self.dataset_id
+                                                    and not self.dataset_id.strip()):
+            errors.append(f"dataset_id={self.dataset_id!r}: use a non-empty string naming "
+                          "the data (e.g. \"chest-xray-2024\"), or leave it out")
         if not (isinstance(self.name, str) and NAME_RE.match(self.name)):
             errors.append(f"name={self.name!r}: use letters, digits, '-', '_' or '.' "
                           "(the name given to `fedadapt certs --sites`)")
@@ -232,6 +241,8 @@ def render_site_config(cfg: SiteConfig) -> str:
     img = cfg.image
     pixdim = (f"pixdim = {_toml(img.pixdim)}" if img.pixdim is not None
               else "# pixdim = [1.0, 1.0]")
+    dataset_id = (f"dataset_id = {_toml(cfg.dataset_id)}" if cfg.dataset_id
+                  else '# dataset_id = "chest-xray-2024"')
     return f"""\
 # fedadapt site config. Owned by this site; nothing here comes from the server.
 # Checked by `fedadapt site start` before the SuperNode connects.
@@ -259,6 +270,11 @@ personalised_keys = {_toml(cfg.personalised_keys)}
 # Position in the federation, assigned by the federation operator (seeds sampling).
 partition_id = {cfg.partition_id}
 num_sites = {cfg.num_sites}
+
+# The identity of this site's training data: its privacy budget is kept under it, one
+# epsilon per patient record (docs/privacy/identity.md). Keep it when re-exporting the
+# images; unset: the datalist's "dataset_id", else "<name>:<data>".
+{dataset_id}
 
 # How images on disk are read (ignored for "synthetic"); the model fixes the size.
 [image]

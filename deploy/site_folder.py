@@ -16,7 +16,7 @@ from typing import Any
 
 from fedadapt.deploy.site_config import (LEDGER_DIR, POLICY_TOML, SITE_TOML, SiteConfig, SiteConfigError,
                                 load_site_config, write_site_config)
-from fedadapt.privacy.ledger import read_entries
+from fedadapt.privacy.record_groups import site_history
 from fedadapt.privacy.policy import SitePolicy, policy_from_dict
 
 DATA_DIR = "data"
@@ -141,7 +141,7 @@ def check_site(site_dir: str | Path) -> SiteConfig:
     Checks that ``site.toml`` is valid, its data file exists and a ``cuda`` device is
     there, that ``policy.toml``
     parses and is a valid policy, and that every ledger in ``ledger/`` has an intact
-    hash chain.
+    hash chain and every record manifest its entries name is there and unaltered.
 
     Returns:
         The site config.
@@ -174,6 +174,5 @@ def check_site(site_dir: str | Path) -> SiteConfig:
         raise SiteConfigError(f"ledger folder {folder.ledger} not found; create it (mkdir) "
                               "or restore it from backup: it holds the budget this site "
                               "has already spent")
-    for ledger in sorted(folder.ledger.glob("*.jsonl")):
-        read_entries(ledger)  # raises LedgerError on a broken chain
+    site_history(folder.ledger)  # LedgerError on a broken chain or a bad record manifest
     return cfg

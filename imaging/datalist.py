@@ -27,6 +27,8 @@ from monai.transforms import (EnsureChannelFirst, LoadImage, NormalizeIntensity,
                               ScaleIntensity, Spacing)
 from torch.utils.data import TensorDataset
 
+from fedadapt.privacy.identity import DatasetIdentity, source_record_id
+
 SPLITS = ("training", "validation", "test")
 TASKS = ("classification", "multilabel", "segmentation")
 INTENSITY = ("scale", "normalize", "none")
@@ -105,6 +107,45 @@ def read_datalist(path: str | Path) -> dict[str, list[dict[str, Any]]]:
                                 f"'image' and 'label', found {item!r}")
         out[split] = items
     return out
+
+
+def datalist_identity(datalist: str | Path, split: str, *,
+                      dataset_id: str | None = None) -> DatasetIdentity:
+    """The record identity of one split of a datalist (``privacy.identity``).
+
+    The dataset id is ``dataset_id`` (the site's ``site.toml``), else the datalist's
+    top-level ``"dataset_id"``, else ``datalist:<file name>``. Record ``i`` is the entry's
+    ``"record_id"`` when given (a site that re-exports its images keeps its records' ids
+    this way), else the sha256 of its image file's bytes and its path as written in the
+    datalist: independent of how the image is preprocessed, ordered or typed.
+
+    Raises:
+        DataError: On an unknown or empty split, a missing image, a bad ``record_id`` or
+            a ``dataset_id`` that disagrees with the site's.
+    """
+    datalist = Path(datalist)
+    items = read_datalist(datalist).get(split) if split in SPLITS else None
+    doc = json.loads(datalist.read_text())
+    if not items:
+        raise DataError(f"datalist {datalist}: split {split!r} is missing or empty")
+    declared = doc.get("dataset_id") if isinstance(doc, dict) else None
+    if declared is not None and not (isinstance(declared, str) and declared.strip()):
+        raise DataError(f"datalist {datalist}: 'dataset_id' must be a non-empty string, "
+                        f"found {declared!r}")
+    if dataset_id and declared and dataset_id != declared:
+        raise DataError(f"datalist {datalist}: dataset_id {declared!r} disagrees with the "
+                        f"site's dataset_id {dataset_id!r} (site.toml); make them equal")
+    ids = []
+    for i, item in enumerate(items):
+        where = f"datalist {datalist}: {split}[{i}]"
+        rid = item.get("record_id")
+        if rid is None:
+            rid = source_record_id(_resolve(datalist.parent, item["image"], where),
+                                   str(item["image"]))
+        elif not (isinstance(rid, str) and rid):
+            raise DataError(f"{where}: 'record_id' must be a non-empty string, found {rid!r}")
+        ids.append(rid)
+    return DatasetIdentity(dataset_id or declared or f"datalist:{datalist.name}", tuple(ids))
 
 
 def load_split(datalist: str | Path, split: str, spec: ImageSpec) -> TensorDataset:

@@ -16,6 +16,7 @@ from monai.transforms import Resize
 from torch.utils.data import TensorDataset
 
 from fedadapt.imaging.datalist import DataError, ImageSpec
+from fedadapt.privacy.identity import DatasetIdentity, array_record_id
 
 MEDMNIST_SPLITS = ("train", "val", "test")
 
@@ -57,6 +58,24 @@ def load_medmnist(path: str | Path, split: str, spec: ImageSpec) -> TensorDatase
     x = _images(images, spec, f"{path}: '{ik}'")
     y = _labels(labels, spec, f"{path}: '{lk}'")
     return TensorDataset(x, y)
+
+
+def medmnist_identity(path: str | Path, split: str, *, dataset_id: str) -> DatasetIdentity:
+    """The record identity of one split of a MedMNIST npz (``privacy.identity``): record
+    ``i`` is the sha256 of its raw image array as stored in the file (before resizing or
+    scaling), so preprocessing and order leave it unchanged.
+
+    Raises:
+        DataError: If the file or the split's images are missing.
+    """
+    path = Path(path)
+    try:
+        with np.load(path) as npz:
+            images = npz[f"{split}_images"]
+    except (OSError, KeyError, ValueError) as e:
+        raise DataError(f"{path}: cannot read '{split}_images' ({type(e).__name__}: {e})") from e
+    return DatasetIdentity(dataset_id, tuple(array_record_id("medmnist", np.ascontiguousarray(a))
+                                             for a in images))
 
 
 def _images(a: np.ndarray, spec: ImageSpec, where: str) -> torch.Tensor:

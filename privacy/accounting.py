@@ -11,11 +11,16 @@ Composition of Differential Privacy").
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 
 ACCOUNTANTS = ("rdp", "prv")
+SIGMA_ACCOUNTED_MAX = 100.0  # larger σ is accounted as this (ε falls with σ: an upper bound)
+PRV_RDP_LIMIT = 100.0  # PRV answers with RDP's ε above it (PRV's grid would need >100 GiB)
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,10 @@ def epsilon(history: Iterable[Mechanism], *, delta: float, accountant: str = "rd
         accountant: ``rdp`` (Opacus RDP, the default) or ``prv`` (Opacus PRV).
 
     Returns:
-        ε; 0.0 for an empty history.
+        ε; 0.0 for an empty history. σ above :data:`SIGMA_ACCOUNTED_MAX` is accounted as
+        that value (Opacus' RDP does not terminate for σ = inf); with ``prv``, a history
+        whose RDP ε exceeds :data:`PRV_RDP_LIMIT` gets the RDP ε (both are upper
+        bounds; PRV's discretisation grid would not fit in memory).
 
     Raises:
         ValueError: On an unknown accountant or a δ outside (0, 1).
@@ -60,9 +68,32 @@ def epsilon(history: Iterable[Mechanism], *, delta: float, accountant: str = "rd
         raise ValueError(f"unknown accountant {accountant!r}; use one of {ACCOUNTANTS}")
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
-    steps = [(m.noise_multiplier, m.sample_rate, m.steps) for m in history if m.steps > 0]
+    steps = [(min(m.noise_multiplier, SIGMA_ACCOUNTED_MAX), m.sample_rate, m.steps)
+             for m in history if m.steps > 0]
     if not steps:
         return 0.0
-    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    eps_rdp = _rdp_epsilon(steps, delta)
+    if accountant == "rdp" or eps_rdp > PRV_RDP_LIMIT:
+        return eps_rdp
+    acc = PRVAccountant()
     acc.history = list(steps)
     return float(acc.get_epsilon(delta=delta))
+
+
+@lru_cache(maxsize=4096)
+def _unit_rdp(sigma: float, q: float) -> np.ndarray:
+    """RDP of one step at Opacus' default orders, cached: a site's rounds repeat a few
+    (σ, q) pairs, and the fractional orders cost up to a second each time."""
+    out = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
+                                   orders=RDPAccountant.DEFAULT_ALPHAS)
+    out.setflags(write=False)
+    return out
+
+
+def _rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """What ``RDPAccountant(history).get_epsilon(delta)`` returns (same orders, same sum,
+    bit for bit), with each (σ, q) priced once."""
+    rdp = sum([_unit_rdp(float(sigma), float(q)) * steps for sigma, q, steps in history])
+    eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp,
+                                            delta=delta)
+    return float(eps)

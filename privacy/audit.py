@@ -3,7 +3,10 @@
 Verifies each ledger's hash chain, recomputes ε after every entry from the recorded
 mechanisms (never trusting the stored ε), and checks the site's cap when a
 ``policy.toml`` sits next to the ledger directory (``<site>/policy.toml`` for
-``<site>/ledger/*.jsonl``).
+``<site>/ledger/*.jsonl``). A format-1 ledger (no manifests) is audited alone, as
+before; a format-2 ledger is audited per record (``privacy.audit_records``): ε per
+record group over every ledger of the site's folder, the cap checked per record, and an
+unreadable or altered manifest fails the audit.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fedadapt.privacy.accounting import epsilon
+from fedadapt.privacy.audit_records import audit_records
 from fedadapt.privacy.ledger import LedgerError, mechanism, read_entries
 
 REL_TOL = 1e-6
@@ -35,6 +39,8 @@ class SiteAudit:
     delta: float | None
     accountant: str | None
     eps_by_entry: tuple[float, ...]
+    format: int = 1
+    groups: tuple[dict, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,13 +65,15 @@ def audit_ledger(path: str | Path) -> SiteAudit:
         cap = None
     eps_list: list[float] = []
 
-    def result(ok: bool, error: str = "", line: int | None = None, entries=()) -> SiteAudit:
-        spent = eps_list[-1] if eps_list else 0.0
+    def result(ok: bool, error: str = "", line: int | None = None, entries=(),
+               eps=None, groups=(), fmt: int = 1) -> SiteAudit:
+        eps = eps_list if eps is None else eps
+        spent = max((g["epsilon"] for g in groups), default=eps[-1] if eps else 0.0)
         return SiteAudit(
             str(path), ok, error, line, len(entries), len({e["run_id"] for e in entries}),
             spent, cap, None if cap is None else cap - spent,
             entries[0]["delta"] if entries else None,
-            entries[0]["accountant"] if entries else None, tuple(eps_list))
+            entries[0]["accountant"] if entries else None, tuple(eps), fmt, tuple(groups))
 
     try:
         entries = read_entries(path)
@@ -73,6 +81,8 @@ def audit_ledger(path: str | Path) -> SiteAudit:
         return result(False, str(err), err.line)
     if not path.exists():
         return result(False, f"ledger {path} not found")
+    if any("v" in e for e in entries):
+        return audit_records(path, cap, lambda *a: result(*a, fmt=2))  # type: ignore[return-value]
     history = []
     for i, e in enumerate(entries, start=1):
         if e["delta"] != entries[0]["delta"] or e["accountant"] != entries[0]["accountant"]:
@@ -104,6 +114,10 @@ def format_table(audits: list[SiteAudit]) -> str:
         rows.append(f"{Path(a.ledger).name[:40]:40} {a.rounds:>6} {a.runs:>4} "
                     f"{a.eps_spent:>8.4g} {f(a.cap):>8} {f(a.remaining):>8} {f(a.delta):>9} "
                     f"{a.accountant or '-':>4}  {'ok' if a.ok else 'FAIL: ' + a.error}")
+        for g in a.groups:  # format 2: one line per record group
+            rows.append(f"  record group: {g['n_records']} record(s) (e.g. "
+                        f"{g['example_record'][:24]}), {g['entries']} entries "
+                        f"({g['legacy_entries']} without manifest), eps {g['epsilon']:.4g}")
     return "\n".join(rows)
 
 

@@ -9,6 +9,8 @@ max_grad_norm``, drawn from a generator seeded by the caller.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +33,12 @@ class DPRequest:
     max_grad_norm: float
 
     def __post_init__(self) -> None:
-        if not self.noise_multiplier > 0:
-            raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if not 0 < self.noise_multiplier < math.inf:
+            raise ValueError(f"noise_multiplier must be finite and > 0, got "
+                             f"{self.noise_multiplier}")
+        if not 0 < self.max_grad_norm < math.inf:
+            raise ValueError(f"max_grad_norm must be finite and > 0, got "
+                             f"{self.max_grad_norm}")
 
 
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *,

@@ -2,12 +2,25 @@
 
 Pure function of (policy, ledger history, request, rounds already run in this run).
 ε is composed over the site's whole history plus the requested round with the
-policy's accountant (Opacus RDP, Mironov et al. 2019; or PRV, Gopi et al. 2021).
+policy's accountant (Opacus RDP, Mironov et al. 2019; or PRV, Gopi et al. 2021). With
+per-record accounting (:func:`check_groups`) the history is one per record group and
+the round must fit the cap for every group.
+
+Numeric inputs, all answered in well under a second:
+
+* NaN, a negative σ / clip norm / step count, a sample rate outside (0, 1], a
+  non-integer step count: :class:`ValueError` from :class:`TrainRequest` (a malformed
+  request);
+* σ = inf or σ > :data:`MAX_NOISE_MULTIPLIER`, a sample rate below
+  :data:`MIN_SAMPLE_RATE`, 0 steps: a refusal with the reason (a well-formed request
+  for a round that would release nothing useful or that no accountant prices sensibly;
+  never accounted, never trained).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -15,14 +28,63 @@ from fedadapt.privacy.accounting import Mechanism, epsilon
 from fedadapt.privacy.policy import SitePolicy
 
 
+MAX_NOISE_MULTIPLIER = 100.0  # above it the update is noise only; RDP slows down (σ=1e4: 2 s)
+MIN_SAMPLE_RATE = 1e-7  # below it a round samples (almost) no records
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"train request: {name} must be a number, got "
+                         f"{type(value).__name__} {value!r}")
+    if math.isnan(float(value)):
+        raise ValueError(f"train request: {name} is NaN; the server sent no usable value "
+                         f"(check its run config)")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class TrainRequest:
-    """What the server asks the site to run this round (``noise_multiplier == 0``: no DP)."""
+    """What the server asks the site to run this round (``noise_multiplier == 0``: no DP).
+
+    Raises:
+        ValueError: On NaN, a non-number, σ < 0, clip norm <= 0, sample rate outside
+            (0, 1], or steps that are not an integer >= 0 (the message names the field).
+    """
 
     noise_multiplier: float
     clip_norm: float
     sample_rate: float
     steps: int
+
+    def __post_init__(self) -> None:
+        sigma = _real("noise_multiplier", self.noise_multiplier)
+        clip = _real("clip_norm", self.clip_norm)
+        q = _real("sample_rate", self.sample_rate)
+        if sigma < 0:
+            raise ValueError(f"train request: noise_multiplier must be >= 0 (0: no DP), "
+                             f"got {sigma}")
+        if not clip > 0:
+            raise ValueError(f"train request: clip_norm must be > 0, got {clip}")
+        if not 0 < q <= 1:
+            raise ValueError(f"train request: sample_rate must be in (0, 1], got {q}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) \
+                or self.steps < 0:
+            raise ValueError(f"train request: steps must be an integer >= 0, got "
+                             f"{self.steps!r}")
+
+
+def unusable(request: TrainRequest) -> str:
+    """Why a well-formed DP request is refused before any accounting ('' if it is not)."""
+    sigma = request.noise_multiplier
+    if not math.isfinite(sigma) or sigma > MAX_NOISE_MULTIPLIER:
+        return (f"noise multiplier {sigma} is above the largest the site accepts "
+                f"({MAX_NOISE_MULTIPLIER}): the update would be noise only")
+    if request.steps == 0:
+        return "a round of 0 steps trains nothing; refused (not accounted)"
+    if request.sample_rate < MIN_SAMPLE_RATE:
+        return (f"sample rate {request.sample_rate} is below {MIN_SAMPLE_RATE}: the round "
+                f"would sample (almost) no records; refused")
+    return ""
 
 
 @dataclass(frozen=True)
@@ -49,7 +111,24 @@ def check(policy: SitePolicy, history: Sequence[Mechanism], request: TrainReques
           rounds_this_run: int) -> Decision:
     """Refuse if the request is below the noise floor, outside the clip range, past the
     per-run round limit, or would make the total ε exceed the policy cap."""
-    spent = epsilon(history, delta=policy.delta, accountant=policy.accountant)
+    return check_groups(policy, [history], request, rounds_this_run=rounds_this_run)
+
+
+def _eps(policy: SitePolicy, histories: Sequence[Sequence[Mechanism]],
+         extra: Sequence[Mechanism] = ()) -> float:
+    """Largest ε over the histories (identical histories are priced once)."""
+    distinct = {tuple(sorted((m.noise_multiplier, m.sample_rate, m.steps) for m in h))
+                for h in histories} or {()}
+    return max(epsilon([*(Mechanism(*m) for m in h), *extra], delta=policy.delta,
+                       accountant=policy.accountant) for h in distinct)
+
+
+def check_groups(policy: SitePolicy, histories: Sequence[Sequence[Mechanism]],
+                 request: TrainRequest, *, rounds_this_run: int) -> Decision:
+    """:func:`check` per record group: ``histories`` holds one history per group of
+    records the round may touch; ``eps_spent``/``eps_after`` are the largest over them,
+    and the round is allowed only if it fits the cap for every group."""
+    spent = _eps(policy, histories)
     remaining = policy.epsilon_cap - spent
 
     def refuse(reason: str, after: float = spent) -> Decision:
@@ -60,6 +139,8 @@ def check(policy: SitePolicy, history: Sequence[Mechanism], request: TrainReques
             return Decision(True, "", spent, math.inf, remaining)
         return refuse("non-DP training was requested but the site's policy does not allow "
                       "it (allow_non_dp = false)")
+    if unusable(request):
+        return refuse(unusable(request))
     if request.noise_multiplier < policy.min_noise_multiplier:
         return refuse(f"noise multiplier {request.noise_multiplier} is below the site's "
                       f"floor {policy.min_noise_multiplier}")
@@ -69,7 +150,7 @@ def check(policy: SitePolicy, history: Sequence[Mechanism], request: TrainReques
     if rounds_this_run >= policy.max_rounds_per_run:
         return refuse(f"max rounds per run ({policy.max_rounds_per_run}) reached")
     mech = Mechanism(request.noise_multiplier, request.sample_rate, request.steps)
-    after = epsilon([*history, mech], delta=policy.delta, accountant=policy.accountant)
+    after = _eps(policy, histories, [mech])
     if after > policy.epsilon_cap:
         return refuse(f"budget: epsilon after this round {after:.4g} would exceed the "
                       f"site's cap {policy.epsilon_cap}", after)

@@ -1,4 +1,11 @@
-"""Append-only, hash-chained privacy ledger per (site, dataset fingerprint).
+"""Append-only, hash-chained privacy ledger per (site, dataset).
+
+Format 1 (``<site>-<fingerprint[:16]>.jsonl``, keyed by the training tensors' sha256)
+has the keys :data:`ENTRY_KEYS`. Format 2 (``<site>-ds-<sha256(dataset id)[:16]>.jsonl``,
+``privacy.record_budget``) adds :data:`V2_KEYS`: ``v`` = 2, the declared ``dataset_id``,
+the ``manifest`` digest of the records the round may touch, ``n_records`` and ``seq``
+(the entry's place among the site's format-2 entries). Both are read here; code older
+than format 2 refuses a format-2 file (unknown keys), i.e. fails closed.
 
 One JSON object per line. Each entry carries ``prev`` = sha256 of the canonical JSON
 (sorted keys, no spaces) of the previous entry ("0"*64 for the first), so editing,
@@ -25,6 +32,8 @@ from fedadapt.privacy.accounting import Mechanism
 GENESIS = "0" * 64
 ENTRY_KEYS = ("run_id", "round", "noise_multiplier", "sample_rate", "steps", "clip_norm",
               "delta", "accountant", "epsilon", "time", "prev")
+V2_KEYS = ("v", "dataset_id", "manifest", "n_records", "seq")
+FORMAT = 2
 
 
 class LedgerError(ValueError):
@@ -60,6 +69,9 @@ def mechanism(entry: dict) -> Mechanism:
                      int(entry["steps"]))
 
 
+_KEY_SETS = (set(ENTRY_KEYS), set(ENTRY_KEYS) | set(V2_KEYS))
+
+
 def read_entries(path: str | Path) -> list[dict]:
     """Read and verify a ledger (missing file = empty ledger).
 
@@ -87,8 +99,12 @@ def read_entries(path: str | Path) -> list[dict]:
             entry = json.loads(line)
         except ValueError as exc:
             raise LedgerError(f"ledger {path}: invalid JSON ({exc})", line=i) from exc
-        if not isinstance(entry, dict) or set(entry) != set(ENTRY_KEYS):
-            raise LedgerError(f"ledger {path}: entry keys are not {ENTRY_KEYS}", line=i)
+        if not isinstance(entry, dict) or set(entry) not in _KEY_SETS:
+            raise LedgerError(f"ledger {path}: entry keys are not {ENTRY_KEYS} (format 1) "
+                              f"or those plus {V2_KEYS} (format 2)", line=i)
+        if "v" in entry and entry["v"] != FORMAT:
+            raise LedgerError(f"ledger {path}: entry format v={entry['v']!r} is not "
+                              f"{FORMAT}; upgrade fedadapt to read it", line=i)
         if entry["prev"] != prev:
             raise LedgerError(f"ledger {path}: hash chain broken (this or the previous entry altered, removed "
                               f"or reordered)", line=i)
@@ -146,20 +162,26 @@ class Ledger:
                 epsilon = epsilon([*(mechanism(e) for e in existing),
                                    Mechanism(float(noise_multiplier), float(sample_rate),
                                              int(steps))])
-            prev = entry_hash(existing[-1]) if existing else GENESIS
-            entry = {"run_id": str(run_id), "round": int(round),
-                     "noise_multiplier": float(noise_multiplier),
-                     "sample_rate": float(sample_rate), "steps": int(steps),
-                     "clip_norm": float(clip_norm), "delta": float(delta),
-                     "accountant": str(accountant), "epsilon": float(epsilon),
-                     "time": time.time(), "prev": prev}
-            created = not self.path.exists()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, canonical(entry) + b"\n")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if created:
-                _fsync_dir(self.path.parent)
-        return entry
+            return write_entry(self.path, existing, {
+                "run_id": str(run_id), "round": int(round),
+                "noise_multiplier": float(noise_multiplier),
+                "sample_rate": float(sample_rate), "steps": int(steps),
+                "clip_norm": float(clip_norm), "delta": float(delta),
+                "accountant": str(accountant), "epsilon": float(epsilon)})
+
+
+def write_entry(path: Path, existing: list[dict], fields: dict) -> dict:
+    """Chain ``fields`` after ``existing`` (read under the caller's lock) and append the
+    line durably (write + fsync; fsync of the folder when the file is new)."""
+    entry = {**fields, "time": time.time(),
+             "prev": entry_hash(existing[-1]) if existing else GENESIS}
+    created = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, canonical(entry) + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        _fsync_dir(path.parent)
+    return entry

@@ -1,7 +1,10 @@
 """A site's budget: its policy, its ledger and the guard, in one place for the ClientApp.
 
-Layout at the site: ``<site_dir>/policy.toml`` and ``<site_dir>/ledger/<site>-<fp>.jsonl``.
-Opening fails closed: a missing/invalid policy or a corrupt ledger raises.
+Layout at the site: ``<site_dir>/policy.toml`` and ``<site_dir>/ledger/``. Given a
+dataset identity (:class:`~fedadapt.privacy.identity.DatasetIdentity`), the budget is
+kept per record in the dataset's format-2 ledger (``privacy.record_budget``); without one
+it is the format-1 ledger ``<site>-<fp>.jsonl`` keyed by a fingerprint (older callers).
+Opening fails closed: a missing/invalid policy or any corrupt ledger or manifest raises.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ from pathlib import Path
 
 from fedadapt.privacy.accounting import Mechanism, epsilon
 from fedadapt.privacy.guard import Decision, TrainRequest, check
+from fedadapt.privacy.identity import DatasetIdentity
 from fedadapt.privacy.ledger import Ledger, ledger_path
 from fedadapt.privacy.policy import SitePolicy, load_policy
+from fedadapt.privacy.record_budget import BudgetExceeded, RecordBudget, dataset_ledger_path
+from fedadapt.privacy.record_groups import site_history
 
-
-class BudgetExceeded(RuntimeError):
-    """A round would take a site past its ε cap."""
+__all__ = ["BudgetExceeded", "RecordBudget", "SiteBudget", "open_site_budget"]
 
 
 @dataclass(frozen=True)
@@ -69,10 +73,25 @@ class SiteBudget:
 
 
 def open_site_budget(site_dir: str | Path, site: str, data_fingerprint: str, *,
-                     n_records: int) -> SiteBudget:
-    """Load the policy and open (and verify) the ledger; raises on any fault."""
+                     n_records: int, identity: DatasetIdentity | None = None
+                     ) -> SiteBudget | RecordBudget:
+    """Load the policy and open (and verify) the ledger(s); raises on any fault.
+
+    Args:
+        site_dir: The site's folder (``policy.toml``, ``ledger/``).
+        site: The site's name (ledger file names).
+        data_fingerprint: The training tensors' sha256 (format-1 ledgers only).
+        n_records: Training records (the policy's δ bound 1/(10·N)).
+        identity: The dataset's declared identity: the budget is then kept per record
+            (format 2), composed with every ledger of the site.
+    """
     site_dir = Path(site_dir)
     policy = load_policy(site_dir / "policy.toml", n_records=n_records)
+    if identity is not None:
+        folder = site_dir / "ledger"
+        site_history(folder)  # verify every ledger and manifest now: fail closed
+        return RecordBudget(site, policy, Ledger(dataset_ledger_path(
+            folder, site, identity.dataset_id)), identity)
     ledger = Ledger(ledger_path(site_dir / "ledger", site, data_fingerprint))
     ledger.entries()  # verify the chain now: a corrupt ledger stops the site
     return SiteBudget(site, policy, ledger)
