@@ -23,6 +23,7 @@ COMMANDS = (
     "fedadapt.cmd_site",
     "fedadapt.cmd_server",
     "fedadapt.cmd_pretrain",
+    "fedadapt.cmd_release",
 )
 
 
