@@ -24,6 +24,7 @@ COMMANDS = (
     "fedadapt.cmd_server",
     "fedadapt.cmd_pretrain",
     "fedadapt.cmd_release",
+    "fedadapt.cmd_tta",
 )
 
 
