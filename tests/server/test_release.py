@@ -174,3 +174,20 @@ def test_release_refuses_a_tampered_ledger_and_a_used_folder(released, tmp_path)
     with pytest.raises(ValueError, match="fails its audit"):
         build_release(run_dir, tmp_path / "out", key_path=key, sites_dir=tmp_path / "sites")
     assert not (tmp_path / "out").exists()
+
+
+def test_tta_cli_adapts_a_verified_release_and_refuses_a_tampered_one(released, tmp_path,
+                                                                      capsys):
+    bundle, sites, key = _copy(released, tmp_path)
+    out = tmp_path / "norms.safetensors"
+    assert main(["tta", str(bundle), "--synthetic-shift", "1,2.5,0.15,1.5,0.35", "--num", "32",
+                 "--public-key", f"{key}.pub", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 32 and 0.0 <= report["accuracy_after"] <= 1.0
+    assert load_file(str(out)) and all(".blocks." in k and ".norm" in k for k in load_file(str(out)))
+    card = bundle / "README.md"
+    card.write_text(card.read_text() + "\nextra claim\n")
+    assert main(["tta", str(bundle), "--synthetic-shift", "1,2.5,0.15,1.5,0.35", "--num", "32",
+                 "--public-key", f"{key}.pub"]) == 2
+    err = capsys.readouterr().err
+    assert "fails verification" in err and "README.md: sha256" in err
