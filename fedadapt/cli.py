@@ -23,6 +23,8 @@ COMMANDS = (
     "fedadapt.cmd_site",
     "fedadapt.cmd_server",
     "fedadapt.cmd_pretrain",
+    "fedadapt.cmd_release",
+    "fedadapt.cmd_tta",
 )
 
 
