@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 from fedadapt.argtypes import nonneg_float, positive_int
 from fedadapt.config import (CONTINUAL_METHODS, CONTINUAL_SCENARIOS, DEVICES, ConfigError,
@@ -196,4 +199,17 @@ def _simulate(args: argparse.Namespace) -> int:
 
     run_dir = simulate(cfg, gpu_fraction=args.gpu_fraction, verbose=args.verbose)
     print(f"summary: {run_dir / 'summary.json'}\nadapter: {run_dir / 'adapter'}")
-    return 0
+    return _outcome(run_dir)
+
+
+def _outcome(run_dir: Path) -> int:
+    """1 (with the sites and reasons on stderr) if a site failed in every round, else 0."""
+    from fedadapt.simulations.outcome import persistent_failures
+
+    failures = persistent_failures(json.loads((run_dir / "summary.json").read_text()))
+    for line in failures:
+        print(f"error: {line}", file=sys.stderr)
+    if failures:
+        print(f"error: the run in {run_dir} did not federate every site; see "
+              "summary.json 'rounds[].failures'", file=sys.stderr)
+    return 1 if failures else 0
