@@ -104,10 +104,11 @@ def _with_scenario(cfg: RunConfig, name_or_path: str, *,
     and dimensionality follow from ``scenario``, :meth:`RunConfig.model_spec`).
 
     Without ``--backbone-weights`` a scenario whose backbone is a registry one (UNETR for
-    segmentation, the 3-D ViT) starts from seeded random weights: only the default 2-D
-    ViT has a shipped checkpoint.
+    segmentation, the 3-D ViT) starts from seeded random weights, unless the backbone's
+    weights ship with an installed package (``efficientnet-lite0``: ``builtin``).
     """
     from fedadapt.imaging.backbones import backbone_for
+    from fedadapt.imaging.registry import get_backbone
     from fedadapt.imaging.scenario import SCENARIO_DIR, load_scenario, scenario_path
 
     try:
@@ -118,7 +119,8 @@ def _with_scenario(cfg: RunConfig, name_or_path: str, *,
     # A shipped name travels as is; a file travels as an absolute path (sites' cwd differs).
     ref = name_or_path if path.parent.resolve() == SCENARIO_DIR.resolve() else str(path.resolve())
     weights = cfg.backbone_weights
-    if not weights_given and backbone_for(sc.task, sc.spatial_dims):
+    backbone = sc.backbone or backbone_for(sc.task, sc.spatial_dims)
+    if not weights_given and backbone and get_backbone(backbone).pretrained is None:
         weights = "random"
     cfg = cfg.replace(scenario=ref, num_sites=len(sc.sites), image_size=sc.image_size,
                       num_classes=sc.num_classes, seed=sc.seed, backbone_weights=weights)

@@ -14,6 +14,7 @@ by the scenario's seed::
     image_size = 32
     num_classes = 3
     seed = 0
+    # backbone = "efficientnet-lite0"   # a registry backbone (default: by task)
 
     [[site]]
     name = "hospital-a"
@@ -46,7 +47,8 @@ from fedadapt.imaging.tasks import synthetic_segmentation
 #: The shipped scenarios (data files of the ``simulations`` package).
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "simulations" / "scenarios"
 TASKS = ("classification", "multilabel", "segmentation")
-_TOP = {"name", "task", "spatial_dims", "image_size", "num_classes", "seed", "site"}
+_TOP = {"name", "task", "spatial_dims", "image_size", "num_classes", "seed", "site",
+        "backbone"}
 _SITE = {"name", "train_size", "test_size", "label_weights", "shift", "datalist", "image"}
 
 
@@ -70,6 +72,7 @@ class Scenario:
     num_classes: int
     seed: int
     sites: tuple[ScenarioSite, ...]
+    backbone: str = ""
 
 
 def scenario_path(name_or_path: str | Path) -> Path:
@@ -134,7 +137,20 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
         sites.append(ScenarioSite(SiteSpec(s["name"], s["train_size"], s["test_size"], shift,
                                            weights)))
     return Scenario(str(doc.get("name", path.stem)), task, dims, size, k,
-                    int(doc.get("seed", 0)), tuple(sites))
+                    int(doc.get("seed", 0)), tuple(sites), _backbone(doc, path))
+
+
+def _backbone(doc: dict[str, Any], path: Path) -> str:
+    """The registry backbone the scenario names (``backbone = "efficientnet-lite0"``)."""
+    name = doc.get("backbone", "")
+    if not name:
+        return ""
+    from fedadapt.imaging.registry import REGISTRY
+
+    if name not in REGISTRY:
+        raise ValueError(f"scenario {path}: backbone={name!r} is not a registry backbone; "
+                         f"use one of {sorted(REGISTRY)} or leave it out")
+    return str(name)
 
 
 def site_data(sc: Scenario, index: int) -> tuple[TensorDataset, TensorDataset]:
