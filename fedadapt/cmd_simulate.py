@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 from fedadapt.argtypes import nonneg_float, positive_int
 from fedadapt.config import (CONTINUAL_METHODS, CONTINUAL_SCENARIOS, DEVICES, ConfigError,
@@ -101,10 +104,11 @@ def _with_scenario(cfg: RunConfig, name_or_path: str, *,
     and dimensionality follow from ``scenario``, :meth:`RunConfig.model_spec`).
 
     Without ``--backbone-weights`` a scenario whose backbone is a registry one (UNETR for
-    segmentation, the 3-D ViT) starts from seeded random weights: only the default 2-D
-    ViT has a shipped checkpoint.
+    segmentation, the 3-D ViT) starts from seeded random weights, unless the backbone's
+    weights ship with an installed package (``efficientnet-lite0``: ``builtin``).
     """
     from fedadapt.imaging.backbones import backbone_for
+    from fedadapt.imaging.registry import get_backbone
     from fedadapt.imaging.scenario import SCENARIO_DIR, load_scenario, scenario_path
 
     try:
@@ -115,7 +119,8 @@ def _with_scenario(cfg: RunConfig, name_or_path: str, *,
     # A shipped name travels as is; a file travels as an absolute path (sites' cwd differs).
     ref = name_or_path if path.parent.resolve() == SCENARIO_DIR.resolve() else str(path.resolve())
     weights = cfg.backbone_weights
-    if not weights_given and backbone_for(sc.task, sc.spatial_dims):
+    backbone = sc.backbone or backbone_for(sc.task, sc.spatial_dims)
+    if not weights_given and backbone and get_backbone(backbone).pretrained is None:
         weights = "random"
     cfg = cfg.replace(scenario=ref, num_sites=len(sc.sites), image_size=sc.image_size,
                       num_classes=sc.num_classes, seed=sc.seed, backbone_weights=weights)
@@ -196,4 +201,17 @@ def _simulate(args: argparse.Namespace) -> int:
 
     run_dir = simulate(cfg, gpu_fraction=args.gpu_fraction, verbose=args.verbose)
     print(f"summary: {run_dir / 'summary.json'}\nadapter: {run_dir / 'adapter'}")
-    return 0
+    return _outcome(run_dir)
+
+
+def _outcome(run_dir: Path) -> int:
+    """1 (with the sites and reasons on stderr) if a site failed in every round, else 0."""
+    from fedadapt.simulations.outcome import persistent_failures
+
+    failures = persistent_failures(json.loads((run_dir / "summary.json").read_text()))
+    for line in failures:
+        print(f"error: {line}", file=sys.stderr)
+    if failures:
+        print(f"error: the run in {run_dir} did not federate every site; see "
+              "summary.json 'rounds[].failures'", file=sys.stderr)
+    return 1 if failures else 0

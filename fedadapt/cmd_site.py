@@ -10,6 +10,7 @@ from pathlib import Path
 from fedadapt.deploy.commands import (ISOLATIONS, SUPERNODE_PORT, SuperNodeOptions, shell_line,
                              supernode_command)
 from fedadapt.deploy.site_config import ImageReading, SiteConfig
+from fedadapt.deploy.site_data import DataExpectation, check_site_data
 from fedadapt.deploy.site_folder import check_site, init_site
 from fedadapt.config import DEVICES
 
@@ -49,8 +50,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="rewrite an existing site.toml/policy.toml (the ledger is kept)")
     i.set_defaults(func=_init)
 
-    c = ss.add_parser("check", help="validate a site folder as `site start` does")
+    c = ss.add_parser("check", help="validate a site folder as `site start` does, and read "
+                      "every record of its data as training will")
     c.add_argument("dir", metavar="DIR")
+    c.add_argument("--num-classes", type=int, default=0,
+                   help="the federation's classes: labels must lie in 0..K-1 (default: "
+                   "only report the labels' range)")
+    c.add_argument("--image-size", type=int, default=32,
+                   help="the run's image size (default 32)")
+    c.add_argument("--task", default="classification",
+                   choices=("classification", "multilabel", "segmentation"))
+    c.add_argument("--spatial-dims", type=int, default=2, choices=(2, 3))
     c.set_defaults(func=_check)
 
     s = ss.add_parser("start", help="check the site folder, then run its Flower SuperNode")
@@ -105,8 +115,16 @@ def _init(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     cfg = check_site(args.dir)
+    expect = DataExpectation(task=args.task, spatial_dims=args.spatial_dims,
+                             image_size=args.image_size, num_classes=args.num_classes)
+    report = check_site_data(args.dir, cfg, expect)
     print(f"site {cfg.name}: site.toml, policy.toml and ledger/ are valid "
           f"(data: {cfg.data}, device: {cfg.device})")
+    if report is not None:
+        sizes = ", ".join(f"{k} {v}" for k, v in report.sizes.items())
+        labels = "".join(f"; {k} labels {dict(v)}" for k, v in report.labels.items())
+        print(f"site {cfg.name}: every record of {report.path} reads ({sizes} records"
+              f"{labels})")
     return 0
 
 

@@ -274,10 +274,19 @@ class RunConfig:
         from fedadapt.imaging.backbones import ModelSpec, backbone_for
 
         task, dims = self.task
+        backbone = self._scenario_backbone() or backbone_for(task, dims)
         return ModelSpec(image_size=self.image_size, num_classes=self.num_classes,
                          lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, seed=self.seed,
                          backbone_weights=self.backbone_weights, task=task, spatial_dims=dims,
-                         backbone=backbone_for(task, dims))
+                         backbone=backbone)
+
+    def _scenario_backbone(self) -> str:
+        """The registry backbone a scenario names (``backbone = ...``), else empty."""
+        if not self.scenario or self.is_continual:
+            return ""
+        from fedadapt.imaging.scenario import load_scenario
+
+        return load_scenario(self.scenario).backbone
 
     @property
     def task(self) -> tuple[str, int]:

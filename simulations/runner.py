@@ -66,6 +66,8 @@ def simulate(cfg: RunConfig, *, gpu_fraction: float = 0.5, verbose: bool = False
 
     Raises:
         RuntimeError: If the run ended without writing its summary.
+        simulations.preflight.PreflightError: If a site's data or policy is unusable
+            (checked before the federation starts).
         server.checkpoint.CheckpointError: If ``cfg.resume_from`` has no valid checkpoint
             of this run config (checked before anything starts or is written).
     """
@@ -79,6 +81,7 @@ def simulate(cfg: RunConfig, *, gpu_fraction: float = 0.5, verbose: bool = False
 
     from fedadapt.client.budget import provision_simulated_sites
     from fedadapt.client.site import site_from_context
+    from fedadapt.simulations.preflight import preflight
 
     if cfg.resume_from:
         from fedadapt.server.checkpoint import check_config, load_checkpoint
@@ -98,6 +101,7 @@ def simulate(cfg: RunConfig, *, gpu_fraction: float = 0.5, verbose: bool = False
              for i in range(cfg.num_sites)]
     provision_simulated_sites(cfg, Path(cfg.sites_dir), names)
     flwr_log = logging.getLogger("flwr")
+    preflight(cfg, Path(cfg.sites_dir))  # bad data or policy: exit 2 before any round
     if not verbose:
         flwr_log.setLevel(logging.WARNING)
     notice = _HideRunSimulationNotice()
