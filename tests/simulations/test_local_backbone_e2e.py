@@ -11,13 +11,14 @@ import pytest
 import torch
 import transformers as T
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from peft import PeftModel
 
 from fedadapt import keys
 from fedadapt.client.app import _model
 from fedadapt.client.site import site_from_context
 from fedadapt.config import RunConfig
 from fedadapt.imaging.backbones import build_model, is_adapter_or_head, trainable_state
-from fedadapt.imaging.local import checkpoint_sha256
+from fedadapt.imaging.local import checkpoint_sha256, local_base
 from fedadapt.imaging.weights import CheckpointError
 from fedadapt.simulations.runner import simulate
 
@@ -37,13 +38,20 @@ def test_one_dp_round_on_a_saved_vit_folder(tmp_path):
                     num_server_rounds=1, site_train_size=48, site_test_size=16,
                     local_epochs=1, noise_multiplier=1.0, epsilon_cap=100.0,
                     cross_site_eval=False)
-    summary = json.loads((simulate(cfg) / "summary.json").read_text())
+    run_dir = simulate(cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["privacy"]["dp"] is True
     assert all(0 < s["epsilon"] < 100 for s in summary["sites"].values())
     assert summary["rounds"][0]["accuracy"] is not None
     names = summary["wire"]["tensor_names"]
     assert names == sorted(trainable_state(build_model(cfg.model_spec())))
     assert any("q_proj.lora_A" in n for n in names) and all(is_adapter_or_head(n) for n in names)
+    # The final adapter (PEFT format) reloads onto the same local backbone.
+    base, _ = local_base(str(folder), num_classes=cfg.num_classes, image_size=cfg.image_size)
+    loaded = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    with torch.no_grad():
+        out = loaded(torch.rand(2, 1, cfg.image_size, cfg.image_size))
+    assert out.shape == (2, cfg.num_classes) and torch.isfinite(out).all()
 
 
 def test_site_refuses_a_checkpoint_that_is_not_the_servers(tmp_path):
