@@ -7,7 +7,8 @@ rebuilt deterministically at every site from its spec (seed), so it never travel
 The default (2-D classification) backbone is :class:`ViTClassifier`, which starts from
 the shipped MAE checkpoint; a spec naming a registry backbone (``imaging.registry``,
 e.g. ``unetr-2d``/``unetr-3d`` for segmentation, ``vit-3d``) is built from the registry
-with the registry's LoRA targets and head.
+with the registry's LoRA targets and head; a spec with ``backbone_path`` is a foundation
+model from local files (``imaging.local``: transformers folders, timm-layout ViT files).
 """
 
 from __future__ import annotations
