@@ -109,6 +109,9 @@ def test_family_loads_frozen_with_lora_and_exact_per_sample_grads(tmp_path, name
     again = build_model(_spec(tmp_path / name))
     for (n, p), (_, q) in zip(model.named_parameters(), again.named_parameters()):
         assert torch.equal(p, q), n
+    from opacus.validators import ModuleValidator
+
+    assert ModuleValidator.validate(model, strict=False) == []  # nothing Opacus refuses
     torch.manual_seed(0)  # grayscale 16-px images: replicated to RGB, resized to 32
     x, y = torch.rand(3, 1, 16, 16), torch.tensor([0, 1, 2])
     _per_sample_matches_autograd(model.train(), x, y)
