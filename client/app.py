@@ -24,6 +24,7 @@ from fedadapt.client.site import Site, set_threads, site_from_context
 from fedadapt.client.train import evaluate, evaluate_metrics, resolve_device, train
 from fedadapt import keys
 from fedadapt.imaging.backbones import build_model, load_trainable, trainable_state
+from fedadapt.imaging.local import check_digest
 from fedadapt.imaging.tasks import task_loss
 from fedadapt.privacy.accounting import Mechanism, epsilon
 from fedadapt.privacy.dp import DPRequest
@@ -58,8 +59,12 @@ def _reply_state(site: Site, model) -> dict:
 
 
 def _model(site: Site, msg: Message, *, personal: bool = True):
-    model = build_model(site.model_spec())
     req = msg.content.config_records.get(keys.CONFIG)
+    spec = site.model_spec()
+    if spec.backbone_path:  # the same checkpoint as the server's, or no training at all
+        check_digest(spec.backbone_path, "" if req is None else
+                     str(req.get(keys.BACKBONE_SHA256, "")), site=site.name)
+    model = build_model(spec)
     if req is not None and bool(req.get(keys.FREEZE_LORA_A, False)):
         # FFA-LoRA (Sun et al., ICLR 2024): A stays at the seed shared by all sites, so
         # it is neither trained nor sent, and averaging B alone is exact.

@@ -54,6 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"frozen encoder weights (default {d.backbone_weights}: the shipped "
                    "MAE-pretrained checkpoint of the default ViT; random for a scenario's "
                    "registry backbone such as UNETR, which has none shipped)")
+    p.add_argument("--backbone", default=d.backbone_path, metavar="PATH",
+                   help="a foundation model from local files instead of the default ViT: a "
+                   "transformers save_pretrained folder (ViT, DINOv2, CLIP/SigLIP vision, "
+                   "SAM encoder), an open_clip local-dir folder or a timm-style ViT "
+                   ".safetensors/.pth file (nothing is downloaded)")
     p.add_argument("--personal-keys", default=d.personal_keys, metavar="KEYS",
                    help="comma-separated tensor-name parts each site keeps local (e.g. head)")
     p.add_argument("--wire-dtype", choices=WIRE_DTYPES, default=d.wire_dtype,
@@ -160,6 +165,23 @@ def _resumed(flags: RunConfig, run_dir: str) -> RunConfig:
         raise ConfigError(f"--resume {run_dir}: the checkpoint's run config is invalid: {e}")
 
 
+def _backbone_path(given: str) -> str:
+    """``--backbone`` as an absolute path (sites run in other folders), checked to be a
+    folder or file :mod:`imaging.local` can read."""
+    if not given:
+        return ""
+    from pathlib import Path
+
+    from fedadapt.imaging.local import kind
+
+    path = str(Path(given).expanduser().resolve())
+    try:
+        kind(path)
+    except ValueError as e:
+        raise ConfigError(f"--backbone: {e}") from e
+    return path
+
+
 def _simulate(args: argparse.Namespace) -> int:
     cfg = RunConfig(num_server_rounds=args.rounds, num_sites=args.sites, seed=args.seed,
                     out_dir=args.out, device=args.device, dp=not args.no_dp,
@@ -175,7 +197,7 @@ def _simulate(args: argparse.Namespace) -> int:
                     backbone_weights=args.backbone_weights or RunConfig().backbone_weights,
                     personal_keys=args.personal_keys, wire_dtype=args.wire_dtype,
                     site_ranks=args.site_ranks, tensorboard=args.tensorboard,
-                    mlflow=args.mlflow)
+                    mlflow=args.mlflow, backbone_path=_backbone_path(args.backbone))
     if args.scenario in CONTINUAL_SCENARIOS:
         rounds = (args.rounds if args.rounds != RunConfig().num_server_rounds
                   else 2 * args.phases)
@@ -191,6 +213,11 @@ def _simulate(args: argparse.Namespace) -> int:
                              weights_given=args.backbone_weights is not None)
     if args.resume:
         cfg = _resumed(cfg, args.resume)
+    if cfg.backbone_path:
+        try:
+            cfg.model_spec()
+        except ValueError as e:
+            raise ConfigError(f"--backbone: {e}") from e
     if cfg.device == "cuda":
         import torch
 

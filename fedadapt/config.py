@@ -91,6 +91,11 @@ class RunConfig:
         backbone_weights: Encoder weights of the frozen ViT: ``builtin`` (the shipped
             MAE-pretrained checkpoint, see ``fedadapt pretrain``), ``random`` (seeded random
             init) or a ``.safetensors``/``.pt``/``.pth`` path (absolute: sites run elsewhere).
+        backbone_path: A foundation model from local files instead of the default ViT
+            (``imaging.local``): a ``transformers`` ``save_pretrained`` folder (ViT, DINOv2,
+            CLIP/SigLIP vision, SAM image encoder), an open_clip local-dir folder or a
+            timm-style ViT file; absolute, the same checkpoint at every site (verified by
+            sha256); empty for the default.
         tensorboard: Log per-round, per-site metrics, ε and bytes as TensorBoard scalars
             in ``<run dir>/tensorboard/`` (``server.tracking``; needs ``tensorboard``).
         mlflow: Log the same to MLflow's local file store ``<out_dir>/mlruns``
@@ -144,6 +149,7 @@ class RunConfig:
     site_noise_multiplier: float = 1.0
     site_clip_norm: float = 1.0
     backbone_weights: str = "builtin"
+    backbone_path: str = ""
     tensorboard: bool = False
     mlflow: bool = False
     min_train_sites: int = 1
@@ -222,6 +228,9 @@ class RunConfig:
         need(self.backbone_weights in ("builtin", "random") or self.backbone_weights.lower()
              .endswith((".safetensors", ".pt", ".pth")), "backbone-weights",
              "'builtin', 'random' or a .safetensors/.pt/.pth file path")
+        if self.backbone_path:
+            need(self.backbone_weights in ("builtin", "random"), "backbone-weights",
+                 "left at its default with 'backbone-path' (the weights are the checkpoint's)")
         if self.dp and self.noise_multiplier == 0:
             errors.append("'noise-multiplier' is 0 while 'dp' is on: that is no privacy at all; "
                           "set a positive noise multiplier or turn DP off explicitly (--no-dp)")
@@ -277,8 +286,10 @@ class RunConfig:
         backbone = self._scenario_backbone() or backbone_for(task, dims)
         return ModelSpec(image_size=self.image_size, num_classes=self.num_classes,
                          lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, seed=self.seed,
-                         backbone_weights=self.backbone_weights, task=task, spatial_dims=dims,
-                         backbone=backbone)
+                         backbone_weights="random" if self.backbone_path else
+                         self.backbone_weights, task=task, spatial_dims=dims,
+                         backbone="" if self.backbone_path else backbone,
+                         backbone_path=self.backbone_path)
 
     def _scenario_backbone(self) -> str:
         """The registry backbone a scenario names (``backbone = ...``), else empty."""

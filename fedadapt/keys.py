@@ -27,6 +27,9 @@ PHASE: Final = "phase"  # continual scenarios: the 0-based phase of the round
 RUN_KEY: Final = "run-key"
 FREEZE_LORA_A: Final = "freeze-lora-a"  # FFA-LoRA: sites keep lora_A at the shared seed
 PROXIMAL_MU: Final = "proximal-mu"  # FedProx μ (Flower's FedProx sets this key)
+# sha256 of the server's backbone-path checkpoint (imaging.local): a site whose own copy
+# differs refuses the round.
+BACKBONE_SHA256: Final = "backbone-sha256"
 WIRE_DTYPE: Final = "wire-dtype"  # dtype the site replies its tensors in (strategies.wire)
 # ArrayRecord sent with train messages of site-incremental ewc: the server's sum of the
 # earlier phases' DP diagonal Fishers (FedCurv-style, client/continual.py).

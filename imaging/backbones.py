@@ -7,7 +7,8 @@ rebuilt deterministically at every site from its spec (seed), so it never travel
 The default (2-D classification) backbone is :class:`ViTClassifier`, which starts from
 the shipped MAE checkpoint; a spec naming a registry backbone (``imaging.registry``,
 e.g. ``unetr-2d``/``unetr-3d`` for segmentation, ``vit-3d``) is built from the registry
-with the registry's LoRA targets and head.
+with the registry's LoRA targets and head; a spec with ``backbone_path`` is a foundation
+model from local files (``imaging.local``: transformers folders, timm-layout ViT files).
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ class ModelSpec:
             :class:`ViTClassifier` (2-D classification). Registry backbones take
             ``hidden_size``, ``mlp_dim`` and ``num_heads`` from this spec where they have
             them (UNETR: 12 layers, patch 16, fixed by MONAI).
+        backbone_path: A foundation model from local files (``imaging.local``): a
+            ``transformers`` ``save_pretrained`` folder, an open_clip local-dir folder or
+            a timm-style ViT file; empty for none. Its shape comes from the checkpoint
+            (the shape fields above are then unused), its weights are the checkpoint's
+            (``backbone_weights`` must be ``"random"``); 2-D classification/multilabel.
     """
 
     image_size: int = 32
@@ -76,6 +82,7 @@ class ModelSpec:
     task: str = "classification"
     spatial_dims: int = 2
     backbone: str = ""
+    backbone_path: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.backbone_weights, str) or not self.backbone_weights:
@@ -83,6 +90,9 @@ class ModelSpec:
                              f"path, got {self.backbone_weights!r}")
         if self.task not in TASKS:
             raise ValueError(f"ModelSpec.task={self.task!r}: use one of {TASKS}")
+        if self.backbone_path:
+            _check_local(self)
+            return
         if self.backbone:
             from fedadapt.imaging.registry import UNETR_PATCH, get_backbone
 
@@ -108,6 +118,20 @@ class ModelSpec:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_heads {self.num_heads}")
+
+
+def _check_local(spec: ModelSpec) -> None:
+    where = f"backbone-path {spec.backbone_path!r}"
+    if spec.task == "segmentation" or spec.spatial_dims != 2 or spec.backbone:
+        raise ValueError(
+            f"{where}: a local foundation-model encoder trains as a 2-D classifier (pooled "
+            "features + linear head, task classification or multilabel); this spec is "
+            f"{spec.spatial_dims}-D {spec.task}. Segmentation would need a decoder on its "
+            "patch tokens (UNETR-style, Hatamizadeh et al. 2022), which is not implemented: "
+            "leave backbone-path empty to use the scenario's UNETR")
+    if spec.backbone_weights != "random":
+        raise ValueError(f"{where}: the weights are the checkpoint's; backbone-weights "
+                         f"{spec.backbone_weights!r} cannot apply as well (use one of them)")
 
 
 class ViTClassifier(nn.Module):
@@ -264,6 +288,12 @@ def build_model(spec: ModelSpec) -> PeftModel:
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(spec.seed)
+        if spec.backbone_path:  # a foundation model from local files (imaging.local)
+            from fedadapt.imaging.local import attach_lora, local_base
+
+            base, targets = local_base(spec.backbone_path, num_classes=spec.num_classes,
+                                       image_size=spec.image_size)
+            return attach_lora(base, targets, rank=spec.lora_rank, alpha=spec.lora_alpha)
         if spec.backbone:  # the adapters' initial values are seeded too (FFA-LoRA's A)
             from fedadapt.imaging.registry import attach_peft
 

@@ -124,7 +124,16 @@ def load_weights(model: nn.Module, path: str | Path, *, remap: Remap = (),
     Raises:
         CheckpointError: Naming the file and listing missing/unexpected/shape mismatches.
     """
-    state = remap_keys(read_checkpoint(path), remap)
+    return load_state(model, read_checkpoint(path), source=str(path), remap=remap,
+                      allow_missing=allow_missing, strict=strict)
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str,
+               remap: Remap = (), allow_missing: Iterable[str] = (),
+               strict: bool = True) -> LoadReport:
+    """:func:`load_weights` on tensors already read (``source`` names them in errors)."""
+    path = source
+    state = remap_keys(state, remap)
     own = model.state_dict()
     allowed = [re.compile(p) for p in allow_missing]
     missing = tuple(sorted(k for k in own if k not in state

@@ -96,6 +96,16 @@ def _go_on_without_dead_sites(strategy: Any, fewest: int) -> None:
         strategy = vars(strategy).get("inner")
 
 
+def backbone_digest(cfg: RunConfig) -> dict[str, str]:
+    """``{keys.BACKBONE_SHA256: sha256}`` of the run's ``backbone-path`` checkpoint (each
+    site checks its own copy against it, ``imaging.local.check_digest``); empty without."""
+    if not cfg.backbone_path:
+        return {}
+    from fedadapt.imaging.local import checkpoint_sha256
+
+    return {keys.BACKBONE_SHA256: checkpoint_sha256(cfg.backbone_path)}
+
+
 def run_key(run_dir: Path) -> str:
     """The federation run's name for the sites (``keys.RUN_KEY``): the run directory's
     name and a random suffix, made once and kept in ``<run_dir>/run-key`` so that a
@@ -134,7 +144,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         keys.LOCAL_EPOCHS: cfg.local_epochs, keys.LR: cfg.lr, keys.BATCH_SIZE: cfg.batch_size,
         keys.DP_ENABLED: cfg.dp, keys.NOISE_MULTIPLIER: cfg.noise_multiplier,
         keys.MAX_GRAD_NORM: cfg.max_grad_norm, keys.FREEZE_LORA_A: frozen_a,
-        keys.WIRE_DTYPE: cfg.wire_dtype,
+        keys.WIRE_DTYPE: cfg.wire_dtype, **backbone_digest(cfg),
         keys.RUN_KEY: run_key(run_dir)})  # sites keep this run's state under it
     log = RunLog()
     progress = Progress(cfg.num_server_rounds, dp=cfg.dp)
@@ -158,7 +168,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     last_local: dict[str, ArrayRecord] = {}  # each site's last local model (cross-site eval)
     if tracker is not None and first == 1:  # baseline b of the initial model (FWT)
         base_cfg = ConfigRecord({keys.SERVER_ROUND: 0, keys.FREEZE_LORA_A: frozen_a,
-                                 keys.PHASE: 0})
+                                 keys.PHASE: 0, **backbone_digest(cfg)})
         tracker.evaluated(0, [r for r in grid.send_and_receive(
             encode_messages(strategy.configure_evaluate(1, arrays, base_cfg, grid),
                             cfg.wire_dtype),
@@ -167,7 +177,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     def evaluate(rnd: int, rlog: RoundLog) -> list[Message]:
         """Evaluate the global adapter after ``rnd`` at every site; record the metrics."""
         eval_cfg = ConfigRecord({keys.SERVER_ROUND: rnd, keys.FREEZE_LORA_A: frozen_a,
-                                 keys.PHASE: cfg.phase_of_round(rnd)})
+                                 keys.PHASE: cfg.phase_of_round(rnd), **backbone_digest(cfg)})
         messages = encode_messages(strategy.configure_evaluate(rnd, arrays, eval_cfg, grid),
                                    cfg.wire_dtype)
         log.sent(rlog, messages)
@@ -249,7 +259,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                 config=ConfigRecord({keys.SERVER_ROUND: rnd, keys.PHASE: cfg.phase_of_round(rnd),
                                      keys.DP_ENABLED: cfg.dp,
                                      keys.NOISE_MULTIPLIER: cfg.noise_multiplier,
-                                     keys.FREEZE_LORA_A: frozen_a}))
+                                     keys.FREEZE_LORA_A: frozen_a, **backbone_digest(cfg)}))
             tracker.fisher_reports.append(report)
             for site, info in report["sites"].items():  # the release's ε is the site's too
                 if site in log.sites:
@@ -268,7 +278,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         cross = cross_site_eval(
             grid, strategy, cfg.num_server_rounds, arrays, last_local,
             ConfigRecord({keys.SERVER_ROUND: cfg.num_server_rounds, keys.FREEZE_LORA_A: frozen_a,
-                          keys.PHASE: cfg.phase_of_round(cfg.num_server_rounds)}),
+                          keys.PHASE: cfg.phase_of_round(cfg.num_server_rounds),
+                          **backbone_digest(cfg)}),
             encode=lambda msgs: encode_messages(msgs, cfg.wire_dtype),
             timeout=cfg.round_timeout, ok=_ok)
     adapter = save_adapter(run_dir, cfg, ArrayRecord(

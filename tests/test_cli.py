@@ -34,3 +34,13 @@ def test_console_script_entry_point():
     for flag in ("--rounds", "--sites", "--seed", "--out", "--device", "--no-dp",
                  "--noise-multiplier"):
         assert flag in out
+
+
+def test_backbone_path_errors_exit_2(tmp_path, capsys):
+    assert main(["simulate", "--backbone", str(tmp_path / "absent")]) == 2
+    err = capsys.readouterr().err
+    assert "--backbone:" in err and "found nothing (not found)" in err
+    (tmp_path / "config.json").write_text('{"model_type": "vit"}')
+    assert main(["simulate", "--backbone", str(tmp_path), "--scenario",
+                 "segmentation-2d"]) == 2
+    assert "Segmentation would need a decoder" in capsys.readouterr().err
