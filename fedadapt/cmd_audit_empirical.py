@@ -16,7 +16,8 @@ from typing import Any
 
 from fedadapt.config import RunConfig
 from fedadapt.privacy.canaries import CANARY_TYPES
-from fedadapt.privacy.empirical import BROKEN, STATEMENT, AuditConfig, AuditResult, for_site, run_audit
+from fedadapt.client.empirical import for_site, run_audit
+from fedadapt.privacy.empirical import BROKEN, STATEMENT, AuditConfig, AuditResult
 
 _D = AuditConfig()
 #: argparse dest of every empirical-only option (None when not given on the command line).

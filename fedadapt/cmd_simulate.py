@@ -7,7 +7,8 @@ import argparse
 from fedadapt.argtypes import nonneg_float, positive_int
 from fedadapt.config import (CONTINUAL_METHODS, CONTINUAL_SCENARIOS, DEVICES, ConfigError,
                              RunConfig)
-from fedadapt.strategies.names import STRATEGIES, WIRE_DTYPES
+from fedadapt.imaging.run_spec import run_model_spec
+from fedadapt.names import STRATEGIES, WIRE_DTYPES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,6 +58,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"dtype of adapter tensors on the wire (default {d.wire_dtype})")
     p.add_argument("--site-ranks", default=d.site_ranks, metavar="R1,R2,...",
                    help="one LoRA rank per simulated site (heterogeneous ranks)")
+    _add_run_args(p, d)
+    p.set_defaults(func=_simulate)
+
+
+def _add_run_args(p: argparse.ArgumentParser, d: RunConfig) -> None:
+    """Tracking, privacy, continual, strategy and fault options of ``simulate``."""
     p.add_argument("--tensorboard", action="store_true",
                    help="log rounds to <run dir>/tensorboard/")
     p.add_argument("--mlflow", action="store_true", help="log rounds to <out>/mlruns (MLflow)")
@@ -92,7 +99,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "config and sites (only --rounds may be raised; other flags that differ "
                    "from it are an error)")
     p.add_argument("--verbose", action="store_true", help="show Flower's own log")
-    p.set_defaults(func=_simulate)
 
 
 def _with_scenario(cfg: RunConfig, name_or_path: str, *,
@@ -120,7 +126,7 @@ def _with_scenario(cfg: RunConfig, name_or_path: str, *,
     cfg = cfg.replace(scenario=ref, num_sites=len(sc.sites), image_size=sc.image_size,
                       num_classes=sc.num_classes, seed=sc.seed, backbone_weights=weights)
     try:
-        cfg.model_spec()
+        run_model_spec(cfg)
     except ValueError as e:
         raise ConfigError(f"--scenario {name_or_path!r}: {e}") from e
     return cfg

@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedadapt.layout import policy_path, site_of_ledger
 from fedadapt.privacy.accounting import epsilon
 from fedadapt.privacy.ledger import LedgerError, mechanism, read_entries
 
@@ -41,7 +42,7 @@ class SiteAudit:
 
 
 def _cap_for(path: Path) -> float | None:
-    policy = path.parent.parent / "policy.toml"
+    policy = policy_path(site_of_ledger(path))
     if not policy.is_file():
         return None
     with policy.open("rb") as fh:

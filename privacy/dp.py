@@ -10,6 +10,7 @@ max_grad_norm``, drawn from a generator seeded by the caller.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from opacus import GradSampleModule, PrivacyEngine
@@ -35,6 +36,14 @@ class DPRequest:
             raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
         if not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+
+
+class Wiring(Protocol):
+    """How DP-SGD is wired into a model, optimiser and loader (:func:`make_private`)."""
+
+    def __call__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loader: DataLoader, *, request: DPRequest, generator: torch.Generator
+                 ) -> tuple[GradSampleModule, DPOptimizer, DataLoader]: ...
 
 
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *,

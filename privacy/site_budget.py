@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fedadapt.privacy.accounting import Mechanism, epsilon
 from fedadapt.privacy.guard import Decision, TrainRequest, check
+from fedadapt.layout import ledger_dir, policy_path
 from fedadapt.privacy.ledger import Ledger, ledger_path
 from fedadapt.privacy.policy import SitePolicy, load_policy
 
@@ -72,7 +73,7 @@ def open_site_budget(site_dir: str | Path, site: str, data_fingerprint: str, *,
                      n_records: int) -> SiteBudget:
     """Load the policy and open (and verify) the ledger; raises on any fault."""
     site_dir = Path(site_dir)
-    policy = load_policy(site_dir / "policy.toml", n_records=n_records)
-    ledger = Ledger(ledger_path(site_dir / "ledger", site, data_fingerprint))
+    policy = load_policy(policy_path(site_dir), n_records=n_records)
+    ledger = Ledger(ledger_path(ledger_dir(site_dir), site, data_fingerprint))
     ledger.entries()  # verify the chain now: a corrupt ledger stops the site
     return SiteBudget(site, policy, ledger)
