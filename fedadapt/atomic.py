@@ -11,13 +11,14 @@ memory, policies) goes through :func:`write_bytes` / :func:`write_text` /
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import uuid
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fsync_dir", "write_bytes", "write_json", "write_text"]
+__all__ = ["fsync_dir", "write_bytes", "write_figure", "write_json", "write_text", "write_torch"]
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -73,3 +74,20 @@ def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2
     """:func:`write_text` of ``json.dumps(obj, indent=indent)`` (serialised first, so an
     object JSON cannot hold fails before anything is written)."""
     return write_text(path, json.dumps(obj, indent=indent))
+
+
+def write_figure(path: str | os.PathLike[str], fig: Any, **savefig: Any) -> Path:
+    """Save a matplotlib figure (format from the suffix, default PNG) atomically."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **savefig)
+    return write_bytes(path, buf.getvalue())
+
+
+def write_torch(path: str | os.PathLike[str], obj: Any) -> Path:
+    """``torch.save`` of ``obj`` to ``path``, atomically (torch is imported by the caller's
+    object: this module imports no third-party package)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return write_bytes(path, buf.getvalue())

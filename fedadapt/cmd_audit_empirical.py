@@ -14,6 +14,7 @@ import sys
 import tomllib
 from typing import Any
 
+from fedadapt import atomic
 from fedadapt.config import RunConfig
 from fedadapt.privacy.canaries import CANARY_TYPES
 from fedadapt.client.empirical import for_site, run_audit
@@ -145,7 +146,7 @@ def write_plot(r: AuditResult, path: str) -> None:
                  f"eps_claimed={claimed}  AUROC={r.auroc:.2f}", fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic.write_figure(path, fig, dpi=100)
     plt.close(fig)
 
 

@@ -8,6 +8,7 @@ from fedadapt.argtypes import nonneg_float, positive_int
 from fedadapt.config import (CONTINUAL_METHODS, CONTINUAL_SCENARIOS, DEVICES, ConfigError,
                              RunConfig)
 from fedadapt.imaging.run_spec import run_model_spec
+from fedadapt.layout import ADAPTER_DIR, SUMMARY_JSON
 from fedadapt.names import STRATEGIES, WIRE_DTYPES
 
 
@@ -201,5 +202,5 @@ def _simulate(args: argparse.Namespace) -> int:
     from fedadapt.simulations.runner import simulate
 
     run_dir = simulate(cfg, gpu_fraction=args.gpu_fraction, verbose=args.verbose)
-    print(f"summary: {run_dir / 'summary.json'}\nadapter: {run_dir / 'adapter'}")
+    print(f"summary: {run_dir / SUMMARY_JSON}\nadapter: {run_dir / ADAPTER_DIR}")
     return 0

@@ -44,7 +44,7 @@ CA_CERT: Final = "ca.pem"
 CA_KEY: Final = "ca.key"
 SUPERLINK_CERT: Final = "superlink.pem"
 SUPERLINK_KEY: Final = "superlink.key"
-SITES_DIR: Final = "sites"  # <certs>/sites/<site>/auth.key, auth.pub
+SITES_DIR: Final = "sites"  # <certs>/sites/<site>/auth.key, auth.pub; a run dir's simulated sites
 AUTH_KEY: Final = "auth.key"
 AUTH_PUB: Final = "auth.pub"
 

@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedadapt import atomic
 from fedadapt.layout import policy_path, site_of_ledger
 from fedadapt.privacy.accounting import epsilon
 from fedadapt.privacy.ledger import LedgerError, mechanism, read_entries
@@ -125,5 +126,5 @@ def plot(audits: list[SiteAudit], out: str | Path) -> None:
     ax.set_ylabel("record-level epsilon")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out)
+    atomic.write_figure(out, fig)
     plt.close(fig)

@@ -20,19 +20,13 @@ from fedadapt.config import RunConfig
 from fedadapt.messages import reply_state
 from fedadapt.server import round as rounds
 from fedadapt.server.cross_site import MAX_SITES, cross_site_eval
-from fedadapt.server.exchange import ROUND_TIMEOUT_S, exchange, go_on_without_dead_sites
 from fedadapt.server.progress import Progress
 from fedadapt.server.report_hook import write_report
 from fedadapt.server.round import Federation, RoundState
-from fedadapt.server.rundir import new_run_dir, run_key, save_adapter
+from fedadapt.server.rundir import new_run_dir, save_adapter
 from fedadapt.server.summary import (StrategySection, Summary, WireSection, privacy_section,
                                      timestamp, write_summary)
 from fedadapt.strategies.wire import bytes_per_element
-
-# The names tests and tools have imported from here (``server.exchange`` holds them now).
-_exchange, _go_on_without_dead_sites = exchange, go_on_without_dead_sites
-__all__ = ["ROUND_TIMEOUT_S", "app", "build_server_app", "run_federation", "run_key"]
-
 
 def cross_site(fed: Federation, st: RoundState) -> dict[str, Any] | None:
     """Every site's last local adapter and the global one at every site, if asked."""

@@ -29,7 +29,6 @@ has completed are already in them and a resumed run never asks for them again.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import time
 from pathlib import Path
@@ -171,9 +170,7 @@ def save_checkpoint(run_dir: Path, cfg: RunConfig, rnd: int, arrays: ArrayRecord
                "strategy": strategy_state(strategy), "log": _log_state(log),
                "spent_sites": _spent(log), "started": float(started),
                "extra": dict(extra or {})}
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    return atomic.write_bytes(checkpoint_path(run_dir), buf.getvalue())
+    return atomic.write_torch(checkpoint_path(run_dir), payload)
 
 
 def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint:

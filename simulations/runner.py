@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from fedadapt import keys
 from fedadapt.config import RunConfig
+from fedadapt.layout import SITES_DIR, SUMMARY_JSON
 
 
 def backend_config(cfg: RunConfig, *, gpu_fraction: float) -> dict:
@@ -75,7 +76,7 @@ def simulate(cfg: RunConfig, *, gpu_fraction: float = 0.5, verbose: bool = False
     # Each simulated hospital gets its own folder (policy.toml + ledger/): fresh inside
     # the run directory, or the kept `sites-dir` whose ledgers compose across runs.
     if not cfg.sites_dir:
-        cfg = cfg.replace(sites_dir=str(run_dir / "sites"))
+        cfg = cfg.replace(sites_dir=str(run_dir / SITES_DIR))
     overrides = cfg.to_mapping()
     names = [site_from_context(overrides, {keys.NODE_PARTITION_ID: i,
                                            keys.NODE_NUM_PARTITIONS: cfg.num_sites}).name
@@ -92,8 +93,8 @@ def simulate(cfg: RunConfig, *, gpu_fraction: float = 0.5, verbose: bool = False
         run_simulation(server_app=server_app, client_app=client_app,
                        num_supernodes=cfg.num_sites,
                        backend_config=backend_config(cfg, gpu_fraction=gpu_fraction))
-    summary = run_dir / "summary.json"
+    summary = run_dir / SUMMARY_JSON
     if not summary.exists() or summary.stat().st_mtime < started:
-        raise RuntimeError(f"the simulation ended without writing {run_dir / 'summary.json'}; "
+        raise RuntimeError(f"the simulation ended without writing {summary}; "
                            "rerun with --verbose to see Flower's log")
     return run_dir
