@@ -15,9 +15,9 @@ import tomllib
 from typing import Any
 
 from fedadapt import atomic
+from fedadapt.client.empirical import for_site, run_audit
 from fedadapt.config import RunConfig
 from fedadapt.privacy.canaries import CANARY_TYPES
-from fedadapt.client.empirical import for_site, run_audit
 from fedadapt.privacy.empirical import BROKEN, STATEMENT, AuditConfig, AuditResult
 
 _D = AuditConfig()

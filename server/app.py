@@ -28,6 +28,7 @@ from fedadapt.server.summary import (StrategySection, Summary, WireSection, priv
                                      timestamp, write_summary)
 from fedadapt.strategies.wire import bytes_per_element
 
+
 def cross_site(fed: Federation, st: RoundState) -> dict[str, Any] | None:
     """Every site's last local adapter and the global one at every site, if asked."""
     cfg = fed.cfg
