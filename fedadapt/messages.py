@@ -341,13 +341,19 @@ class EvaluateReply:
         return _reply({keys.METRICS: MetricRecord(self.metrics()), keys.STATUS: ConfigRecord(
             {keys.SITE_ID: self.site_id, keys.STATE: keys.STATE_OK})}, reply_to)
 
+    @staticmethod
+    def phase_scores(reply: Message, num_phases: int) -> tuple[PhaseScore, ...]:
+        """The phase scores alone of an evaluation reply (phases ``0..num_phases-1``)."""
+        m = reply.content[keys.METRICS]
+        return tuple(PhaseScore(j, float(m[keys.EVAL_ACC_PHASE.format(j)]),
+                                int(m[keys.NUM_EXAMPLES_PHASE.format(j)]))
+                     for j in range(num_phases) if keys.EVAL_ACC_PHASE.format(j) in m)
+
     @classmethod
     def from_message(cls, reply: Message, num_phases: int = 0) -> EvaluateReply:
         """Read an evaluation reply; ``num_phases``: how many phase scores to look for."""
         m = reply.content[keys.METRICS]
-        phases = tuple(PhaseScore(j, float(m[keys.EVAL_ACC_PHASE.format(j)]),
-                                  int(m[keys.NUM_EXAMPLES_PHASE.format(j)]))
-                       for j in range(num_phases) if keys.EVAL_ACC_PHASE.format(j) in m)
+        phases = cls.phase_scores(reply, num_phases)
         personal = keys.EVAL_ACC_PERSONAL in m
         return cls(site_id=reply_site(reply), num_examples=int(m[keys.NUM_EXAMPLES]),
                    loss=float(m[keys.EVAL_LOSS]), accuracy=float(m[keys.EVAL_ACC]),

@@ -91,7 +91,7 @@ def phase_scores(replies: Iterable[Message], num_phases: int) -> list[float | No
     hits = [0.0] * num_phases
     sizes = [0] * num_phases
     for reply in replies:
-        for p in EvaluateReply.from_message(reply, num_phases).phases:
+        for p in EvaluateReply.phase_scores(reply, num_phases):
             hits[p.phase] += p.accuracy * p.num_examples
             sizes[p.phase] += p.num_examples
     return [h / n if n else None for h, n in zip(hits, sizes)]
