@@ -15,7 +15,7 @@ from fedadapt.cli import main
 from fedadapt.config import RunConfig
 from fedadapt.imaging.run_spec import run_model_spec
 from tests.flower_helpers import task_identity  # noqa: F401 (fixture)
-from tests.test_segmentation_e2e import site_round
+from tests.imaging.test_segmentation_e2e import site_round
 
 
 def _site(folder, seed):
