@@ -25,6 +25,7 @@ from fedadapt.imaging.backbones import build_model, load_trainable, trainable_st
 from fedadapt.imaging.synthetic import default_sites, make_site_data
 from fedadapt.privacy.dp import DPRequest
 from fedadapt.simulations.runner import simulate
+from fedadapt.imaging.run_spec import run_model_spec
 
 
 def plain_loop(cfg: RunConfig) -> float:
@@ -34,7 +35,7 @@ def plain_loop(cfg: RunConfig) -> float:
     specs = default_sites(cfg.num_sites, cfg.site_train_size, cfg.site_test_size, cfg.seed)
     data = [make_site_data(s, image_size=cfg.image_size, num_classes=cfg.num_classes,
                            seed=cfg.seed, site_index=i) for i, s in enumerate(specs)]
-    model = build_model(cfg.model_spec())
+    model = build_model(run_model_spec(cfg))
     global_state = trainable_state(model)
     dp = DPRequest(cfg.noise_multiplier, cfg.max_grad_norm) if cfg.dp else None
     for rnd in range(1, cfg.num_server_rounds + 1):

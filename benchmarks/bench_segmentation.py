@@ -2,7 +2,7 @@
 
 For the first site of the shipped ``segmentation-2d`` (32 px) and
 ``segmentation-3d-small`` (16^3 voxels) scenarios, builds the run's model
-(``RunConfig.model_spec()``: MONAI UNETR, PEFT LoRA, trainable ``out.conv`` head) and
+(``imaging.run_spec.run_model_spec``: MONAI UNETR, PEFT LoRA, trainable ``out.conv`` head) and
 times one local round exactly as the ClientApp runs it (``client.train.train`` with the
 task's MONAI ``DiceCELoss``; the run's default 2 epochs, batch 32, one thread), with
 Opacus DP-SGD (σ = 1, C = 1) and without, one after the other in the same process, then

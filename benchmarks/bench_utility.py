@@ -41,6 +41,7 @@ from fedadapt.imaging.backbones import build_model
 from fedadapt.imaging.synthetic import default_sites, make_site_data
 from fedadapt.privacy.dp import DPRequest
 from fedadapt.simulations.runner import simulate
+from fedadapt.imaging.run_spec import run_model_spec
 
 INF = math.inf
 NO_CAP = 1e6  # the benchmark measures utility: no site may refuse on its budget
@@ -103,7 +104,7 @@ def centralised(cfg: RunConfig, eps: float, train_sets: list[Dataset],
         n = len(data)  # type: ignore[arg-type]
         sigma = 0.0 if eps == INF else noise_for(eps, n=n, cfg=cfg, epochs=epochs)
         dp = DPRequest(sigma, cfg.max_grad_norm) if sigma else None
-        model = build_model(cfg.model_spec())
+        model = build_model(run_model_spec(cfg))
         train(model, data, epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size,
               device=device, seed=seed, dp=dp)
         return model, sigma

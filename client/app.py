@@ -13,22 +13,22 @@ import dataclasses
 from typing import Any, Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedadapt.client.budget import dataset_budgets, planned_round, site_dir
+from fedadapt.client.budget import dataset_budgets, site_dir
 from fedadapt.client.continual import ContinualRound, dp_diagonal_fisher, end_round, plan, rehearsal
 from fedadapt.client.memory import SiteMemory, memory_folder
 from fedadapt.client.replies import digest, load_reply, reply_folder, save_reply
 from fedadapt.client.site import Site, set_threads, site_from_context
-from fedadapt.client.train import evaluate, evaluate_metrics, resolve_device, train
+from fedadapt.client.site_round import Refused, freeze_lora_a, site_round
+from fedadapt.client.train import evaluate, evaluate_metrics, resolve_device
 from fedadapt import keys
 from fedadapt.imaging.backbones import build_model, load_trainable, trainable_state
 from fedadapt.imaging.local import check_digest
-from fedadapt.imaging.tasks import task_loss
-from fedadapt.privacy.accounting import Mechanism, epsilon
-from fedadapt.privacy.dp import DPRequest
-from fedadapt.privacy.guard import Decision, TrainRequest, is_budget_refusal, noise_for_target
+from fedadapt.messages import (EvaluateConfig, EvaluateReply, FisherConfig, FisherReply, Idle,
+                               PhaseScore, Refusal, TrainConfig, TrainReply, received_fisher)
+from fedadapt.privacy.guard import Decision, TrainRequest, is_budget_refusal
 from fedadapt.privacy.record_budget import RecordBudget
 from fedadapt.strategies import wire
 from fedadapt.strategies.lora_math import change_rank
@@ -50,27 +50,14 @@ def _received(msg: Message) -> dict:
     return wire.decode(msg.content[keys.ARRAYS])
 
 
-def _reply_state(site: Site, model) -> dict:
-    """The trained tensors at the global rank (zero-padded from the site's own: exact)."""
-    state = trainable_state(model)
-    if site.lora_rank != site.run.lora_rank:
-        state, _ = change_rank(state, site.run.lora_rank, site.lora_rank)
-    return state
-
-
 def _model(site: Site, msg: Message, *, personal: bool = True):
-    req = msg.content.config_records.get(keys.CONFIG)
     spec = site.model_spec()
+    config = EvaluateConfig.from_message(msg)
     if spec.backbone_path:  # the same checkpoint as the server's, or no training at all
-        check_digest(spec.backbone_path, "" if req is None else
-                     str(req.get(keys.BACKBONE_SHA256, "")), site=site.name)
+        check_digest(spec.backbone_path, config.backbone_sha256, site=site.name)
     model = build_model(spec)
-    if req is not None and bool(req.get(keys.FREEZE_LORA_A, False)):
-        # FFA-LoRA (Sun et al., ICLR 2024): A stays at the seed shared by all sites, so
-        # it is neither trained nor sent, and averaging B alone is exact.
-        for name, p in model.named_parameters():
-            if ".lora_A." in name:
-                p.requires_grad_(False)
+    if config.freeze_lora_a:  # FFA-LoRA: A is not trained
+        freeze_lora_a(model)
     received = _received(msg)
     if site.lora_rank != site.run.lora_rank:  # heterogeneous ranks: at this site's own rank
         received, _ = change_rank(received, site.lora_rank, site.run.lora_rank)
@@ -81,13 +68,10 @@ def _model(site: Site, msg: Message, *, personal: bool = True):
 
 def _refusal(msg: Message, site: Site, decision: Decision, cap: float) -> Message:
     """A structured refusal: no tensors, the reason, and the site's budget state."""
-    status = ConfigRecord({
-        keys.SITE_ID: site.name, keys.STATE: keys.STATE_REFUSED, keys.REASON: decision.reason,
-        keys.EPSILON_SPENT: decision.eps_spent, keys.EPSILON_REMAINING: decision.eps_remaining,
-        keys.EPSILON_CAP: cap, keys.BUDGET_SPENT: is_budget_refusal(decision.reason)})
-    metrics = MetricRecord({keys.PARTITION_ID: site.index, keys.EPSILON: decision.eps_spent})
-    return Message(content=RecordDict({keys.STATUS: status, keys.METRICS: metrics}),
-                   reply_to=msg)
+    return Refusal(site_id=site.name, reason=decision.reason,
+                   epsilon_spent=decision.eps_spent, epsilon_remaining=decision.eps_remaining,
+                   epsilon_cap=cap, budget_spent=is_budget_refusal(decision.reason),
+                   partition_id=site.index).to_message(msg)
 
 
 class _Refused(Exception):
@@ -98,9 +82,7 @@ class _Refused(Exception):
 
 def _idle(msg: Message, site: Site) -> Message:
     """Reply of a site that does not train in this phase (no tensors, no budget spent)."""
-    return Message(content=RecordDict({
-        keys.STATUS: ConfigRecord({keys.SITE_ID: site.name, keys.STATE: keys.STATE_IDLE}),
-        keys.METRICS: MetricRecord({keys.PARTITION_ID: site.index})}), reply_to=msg)
+    return Idle(site.name, site.index).to_message(msg)
 
 
 def _teacher(site: Site, msg: Message, anchor: dict):
@@ -114,8 +96,9 @@ def _teacher(site: Site, msg: Message, anchor: dict):
     return teacher.to(resolve_device(site.run.device)).eval()
 
 
-def _dp_fisher(site: Site, context: Context, model, phase: int, req, *, run_id: str,
-               rnd: int) -> tuple[dict, float, RecordBudget]:
+def _dp_fisher(site: Site, context: Context, model, phase: int, *, dp_enabled: bool,
+               noise_multiplier: float, run_id: str, rnd: int
+               ) -> tuple[dict, float, RecordBudget]:
     """EWC's Fisher on the site's ``phase`` data, under DP and charged to that data's
     ledger (guard first; a refusal refuses the round).
 
@@ -125,7 +108,7 @@ def _dp_fisher(site: Site, context: Context, model, phase: int, req, *, run_id: 
     data, _ = site.datasets(phase)
     (budget,) = dataset_budgets(site_dir(site.name, site.run, context.node_config),
                                 site.name, [data])
-    sigma = float(req[keys.NOISE_MULTIPLIER]) if bool(req[keys.DP_ENABLED]) else 0.0
+    sigma = noise_multiplier if dp_enabled else 0.0
     request = TrainRequest(sigma, site.run.ewc_clip, 1.0, 1)
     decision = budget.decide(request, run_id=run_id)
     if not decision.allowed:
@@ -145,8 +128,53 @@ def _budgets(site: Site, context: Context, datasets) -> list[RecordBudget]:
 
 def _shared_fisher(msg: Message) -> dict | None:
     """The server's aggregate of earlier phases' DP Fishers (site-incremental ewc)."""
-    rec = msg.content.array_records.get(keys.FISHER)
+    rec = received_fisher(msg)
     return None if rec is None else rec.to_torch_state_dict()
+
+
+def _rehearsing(site: Site, phase: int) -> bool:
+    """Site-incremental replay: an earlier site rehearses its reservoir in later phases."""
+    cl = site.continual()
+    return (cl is not None and cl.name == "site-incremental"
+            and site.run.continual == "replay" and cl.join_phase(site.index) < phase)
+
+
+def _idle_in(site: Site, phase: int) -> bool:
+    """Whether the site sits ``phase`` out (site-incremental: not its phase)."""
+    cl = site.continual()
+    return cl is not None and site.index not in cl.active_sites(phase) and not _rehearsing(
+        site, phase)
+
+
+def _memory(site: Site, context: Context, cfg: TrainConfig) -> SiteMemory | None:
+    """The continual memory of this run at the site (None outside continual runs)."""
+    if site.continual() is None:
+        return None
+    return SiteMemory(context, memory_folder(site_dir(site.name, site.run, context.node_config),
+                                             cfg.run_key))
+
+
+def _hooks(site: Site, context: Context, msg: Message, cfg: TrainConfig, model,
+           memory: SiteMemory | None) -> ContinualRound:
+    """The round's training set and continual hooks (EWC's Fisher may refuse the round).
+
+    Raises:
+        _Refused: If the guard refuses the DP Fisher EWC needs.
+    """
+    train_set, _ = site.datasets(cfg.phase)
+    cl = site.continual()
+    if _rehearsing(site, cfg.phase):  # site-incremental replay: rehearse the reservoir
+        return rehearsal(site, site.datasets(cl.join_phase(site.index))[0])
+    if cl is None or memory is None:
+        return ContinualRound(train_set)
+    run_id = str(msg.metadata.run_id)
+    return plan(site.run.continual, site, memory, model, train_set, phase=cfg.phase,
+                fisher=lambda: _dp_fisher(site, context, model, cfg.phase - 1,
+                                          dp_enabled=cfg.dp_enabled,
+                                          noise_multiplier=cfg.noise_multiplier,
+                                          run_id=run_id, rnd=cfg.server_round)[0],
+                teacher=lambda anchor: _teacher(site, msg, anchor),
+                shared_fisher=_shared_fisher(msg))
 
 
 def handle_train(msg: Message, context: Context,
@@ -156,100 +184,50 @@ def handle_train(msg: Message, context: Context,
     Before training, the site's budget guard prices the round from the site's own
     policy and ledger (never from the server) and refuses if it would pass the cap or
     asks for less noise than the site's floor. After training, the round is appended
-    to the ledger (fsync'ed, under its lock) *before* the update is returned.
+    to the ledger (fsync'ed, under its lock) *before* the update is returned
+    (:func:`client.site_round.site_round`).
     """
     set_threads()
     site = _site(context, run_config)
-    req = msg.content[keys.CONFIG]
-    rnd = int(req[keys.SERVER_ROUND])
-    epochs, batch_size = int(req[keys.LOCAL_EPOCHS]), int(req[keys.BATCH_SIZE])
-    phase = int(req.get(keys.PHASE, 0))
-    cl = site.continual()
-    rehearsing = (cl is not None and cl.name == "site-incremental"
-                  and site.run.continual == "replay" and cl.join_phase(site.index) < phase)
-    if cl is not None and site.index not in cl.active_sites(phase) and not rehearsing:
+    cfg = TrainConfig.from_message(msg)
+    if _idle_in(site, cfg.phase):
         return _idle(msg, site)  # not this site's phase (site-incremental)
-    wire_dtype = str(req.get(keys.WIRE_DTYPE, "float32"))
-    replies = reply_folder(site_dir(site.name, site.run, context.node_config),
-                           str(req.get(keys.RUN_KEY, "")))
+    replies = reply_folder(site_dir(site.name, site.run, context.node_config), cfg.run_key)
     received = digest(_received(msg))
-    kept = load_reply(replies, rnd, received)
+    kept = load_reply(replies, cfg.server_round, received)
     if kept is not None:  # asked again after a server resume: already trained and spent
         tensors, kept_metrics, kept_status = kept
-        return Message(content=RecordDict({
-            keys.ARRAYS: wire.encode(tensors, wire_dtype),
-            keys.METRICS: MetricRecord(kept_metrics),
-            keys.STATUS: ConfigRecord(kept_status)}), reply_to=msg)
-    run_id = str(msg.metadata.run_id)
-    dp_on = bool(req[keys.DP_ENABLED])
-    clip = float(req[keys.MAX_GRAD_NORM])
-    train_set, _ = site.datasets(phase)
+        return TrainReply.from_records(wire.encode(tensors, cfg.wire_dtype), kept_metrics,
+                                       kept_status).to_message(msg)
     model = _model(site, msg)
-    hooks = ContinualRound(train_set)
-    memory = None if cl is None else SiteMemory(context, memory_folder(
-        site_dir(site.name, site.run, context.node_config), str(req.get(keys.RUN_KEY, ""))))
-    if rehearsing:  # site-incremental replay: an earlier site rehearses its reservoir
-        hooks = rehearsal(site, site.datasets(cl.join_phase(site.index))[0])
-    elif cl is not None:
-        try:
-            hooks = plan(site.run.continual, site, memory, model, train_set, phase=phase,
-                         fisher=lambda: _dp_fisher(site, context, model, phase - 1, req,
-                                                   run_id=run_id, rnd=rnd)[0],
-                         teacher=lambda anchor: _teacher(site, msg, anchor),
-                         shared_fisher=_shared_fisher(msg))
-        except _Refused as refused:
-            return _refusal(msg, site, refused.decision, refused.cap)
-    train_set = hooks.train_set
-    n = len(train_set)
+    memory = _memory(site, context, cfg)
+    try:
+        hooks = _hooks(site, context, msg, cfg, model, memory)
+    except _Refused as refused:
+        return _refusal(msg, site, refused.decision, refused.cap)
     # Charged to the ledger of every dataset whose records the training set holds (a
     # replay union: the current data's and each earlier phase's), so each ledger bounds
     # the ε of its own records and the cap binds per record.
     budgets = _budgets(site, context, hooks.ledgers)
     policy = budgets[0].policy
-    q, steps = planned_round(n, batch_size=batch_size, epochs=epochs)
-    sigma = float(req[keys.NOISE_MULTIPLIER]) if dp_on else 0.0
-    if dp_on and policy.target_epsilon_per_round > 0:
-        # The site picks its own σ for its per-round ε target; never less than asked.
-        sigma = max(sigma, noise_for_target(policy.target_epsilon_per_round,
-                                            delta=policy.delta, sample_rate=q, steps=steps,
-                                            accountant=policy.accountant))
-    request = TrainRequest(sigma, clip, q, steps)
-    for budget in budgets:
-        decision = budget.decide(request, run_id=run_id)
-        if not decision.allowed:
-            return _refusal(msg, site, decision, budget.policy.epsilon_cap)
-    dp = DPRequest(sigma, request.clip_norm) if dp_on else None
-    result = train(model, train_set, epochs=epochs, lr=float(req[keys.LR]),
-                   batch_size=batch_size, device=resolve_device(site.run.device),
-                   seed=hash((site.run.seed, site.index, rnd)) % 2**31, dp=dp, amp=site.run.amp,
-                   proximal_mu=float(req.get(keys.PROXIMAL_MU, 0.0)),
-                   param_penalty=hooks.param_penalty, extra_loss=hooks.extra_loss,
-                   loss_fn=task_loss(site.task))
+    out = site_round(site, model, hooks.train_set, cfg, budgets=budgets, policy=policy,
+                     run_id=str(msg.metadata.run_id), hooks=hooks)
+    if isinstance(out, Refused):
+        return _refusal(msg, site, out.decision, out.cap)
     if memory is not None:
-        end_round(memory, phase=phase)
-    eps_total = eps_round = 0.0
-    if dp is not None:
-        if (result.sample_rate, result.steps) != (q, steps):
-            raise RuntimeError(  # the guard priced another mechanism: withhold the update
-                f"site {site.name}: trained with q={result.sample_rate}, steps={result.steps} "
-                f"but the budget guard priced q={q}, steps={steps}; update withheld")
-        eps_total = max(b.record(request, run_id=run_id, round=rnd) for b in budgets)
-        eps_round = epsilon([Mechanism(sigma, q, steps)], delta=policy.delta,
-                            accountant=policy.accountant)
+        end_round(memory, phase=cfg.phase)
     site.store_personal(trainable_state(model))  # kept at the site for the next round
-    metrics = MetricRecord({
-        keys.NUM_EXAMPLES: result.num_examples, keys.TRAIN_LOSS: result.loss,
-        keys.EPSILON: eps_total, keys.EPSILON_ROUND: eps_round, keys.DELTA: policy.delta,
-        keys.EPSILON_CAP: policy.epsilon_cap, keys.NOISE_MULTIPLIER: sigma,
-        keys.STEPS: result.steps, keys.SAMPLE_RATE: result.sample_rate,
-        keys.PARTITION_ID: site.index, keys.LORA_RANK: site.lora_rank})
-    status = ConfigRecord({keys.SITE_ID: site.name, keys.STATE: keys.STATE_OK,
-                           keys.ACCOUNTANT: policy.accountant})
-    state = _reply_state(site, model)
-    save_reply(replies, rnd, state, dict(metrics), dict(status), received)  # before it leaves
-    content = RecordDict({keys.ARRAYS: wire.encode(state, wire_dtype), keys.METRICS: metrics,
-                          keys.STATUS: status})
-    return Message(content=content, reply_to=msg)
+    res = out.result
+    reply = TrainReply(
+        site_id=site.name, arrays=wire.encode(out.state, cfg.wire_dtype),
+        num_examples=res.num_examples, train_loss=res.loss, epsilon=out.epsilon,
+        epsilon_round=out.epsilon_round, delta=policy.delta, steps=res.steps,
+        sample_rate=res.sample_rate, partition_id=site.index,
+        noise_multiplier=out.request.noise_multiplier, epsilon_cap=policy.epsilon_cap,
+        lora_rank=site.lora_rank, accountant=policy.accountant)
+    save_reply(replies, cfg.server_round, out.state, reply.metrics(), reply.status(),
+               received)  # before it leaves
+    return reply.to_message(msg)
 
 
 def handle_fisher(msg: Message, context: Context,
@@ -264,26 +242,24 @@ def handle_fisher(msg: Message, context: Context,
     """
     set_threads()
     site = _site(context, run_config)
-    req = msg.content[keys.CONFIG]
-    phase = int(req[keys.PHASE])  # the phase that ended
+    cfg = FisherConfig.from_record(msg.content[keys.CONFIG])  # phase: the one that ended
     cl = site.continual()
-    if cl is None or site.index not in cl.active_sites(phase):
+    if cl is None or site.index not in cl.active_sites(cfg.phase):
         return _idle(msg, site)
     model = _model(site, msg)
     try:
-        fisher, eps, budget = _dp_fisher(site, context, model, phase, req,
-                                         run_id=str(msg.metadata.run_id),
-                                         rnd=int(req[keys.SERVER_ROUND]))
+        fisher, eps, budget = _dp_fisher(site, context, model, cfg.phase,
+                                         dp_enabled=cfg.dp_enabled,
+                                         noise_multiplier=cfg.noise_multiplier,
+                                         run_id=str(msg.metadata.run_id), rnd=cfg.server_round)
     except _Refused as refused:
         return _refusal(msg, site, refused.decision, refused.cap)
-    data, _ = site.datasets(phase)
-    return Message(content=RecordDict({
-        keys.ARRAYS: ArrayRecord({n: t.contiguous() for n, t in fisher.items()}),
-        keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: len(data), keys.EPSILON: eps,
-                                    keys.EPSILON_CAP: budget.policy.epsilon_cap,
-                                    keys.PARTITION_ID: site.index}),
-        keys.STATUS: ConfigRecord({keys.SITE_ID: site.name, keys.STATE: keys.STATE_OK})}),
-        reply_to=msg)
+    data, _ = site.datasets(cfg.phase)
+    return FisherReply(site_id=site.name,
+                       fisher=ArrayRecord({n: t.contiguous() for n, t in fisher.items()}),
+                       num_examples=len(data), epsilon=eps,
+                       epsilon_cap=budget.policy.epsilon_cap,
+                       partition_id=site.index).to_message(msg)
 
 
 def handle_evaluate(msg: Message, context: Context,
@@ -297,8 +273,7 @@ def handle_evaluate(msg: Message, context: Context,
     site = _site(context, run_config)
     model = _model(site, msg, personal=False)
     cl = site.continual()
-    req = msg.content.config_records.get(keys.CONFIG)
-    phase = int(req.get(keys.PHASE, 0)) if req is not None else 0
+    phase = EvaluateConfig.from_message(msg).phase
     # Continual: every phase's test set this site holds (site-incremental: only the one
     # of the phase it joins in), so the server can fill the accuracy matrix R.
     own_phases = ([] if cl is None else list(range(cl.num_phases))
@@ -310,25 +285,23 @@ def handle_evaluate(msg: Message, context: Context,
     loss, scores = evaluate_metrics(model, test_set, batch_size=site.run.batch_size,
                                     device=device, amp=site.run.amp, task=site.task)
     acc = scores["accuracy"]  # segmentation: voxel accuracy (Dice is keys.EVAL_METRICS')
-    metrics = MetricRecord({keys.NUM_EXAMPLES: len(test_set), keys.EVAL_LOSS: loss,
-                            keys.EVAL_ACC: acc, keys.PARTITION_ID: site.index,
-                            **{keys.EVAL_METRICS[k]: v for k, v in scores.items()
-                               if k in keys.EVAL_METRICS}})
+    phases = []
     for j in own_phases:
         test_j = test_set if j == phase else site.datasets(j)[1]
         acc_j = acc if j == phase else evaluate(model, test_j, batch_size=site.run.batch_size,
                                                  device=device, amp=site.run.amp)[1]
-        metrics[keys.EVAL_ACC_PHASE.format(j)] = acc_j
-        metrics[keys.NUM_EXAMPLES_PHASE.format(j)] = len(test_j)
+        phases.append(PhaseScore(j, acc_j, len(test_j)))
+    p_loss = p_acc = None
     if site.personalised_keys:
         model = _model(site, msg, personal=True)
         p_loss, p_scores = evaluate_metrics(model, test_set, batch_size=site.run.batch_size,
                                             device=device, amp=site.run.amp, task=site.task)
-        metrics[keys.EVAL_LOSS_PERSONAL] = p_loss
-        metrics[keys.EVAL_ACC_PERSONAL] = p_scores["accuracy"]
-    content = RecordDict({keys.METRICS: metrics, keys.STATUS: ConfigRecord(
-        {keys.SITE_ID: site.name, keys.STATE: keys.STATE_OK})})
-    return Message(content=content, reply_to=msg)
+        p_acc = p_scores["accuracy"]
+    return EvaluateReply(site_id=site.name, num_examples=len(test_set), loss=loss,
+                         accuracy=acc, partition_id=site.index,
+                         scores={k: v for k, v in scores.items() if k in keys.EVAL_METRICS},
+                         phases=tuple(phases), loss_personal=p_loss,
+                         accuracy_personal=p_acc).to_message(msg)
 
 
 def build_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from fedadapt import keys
 from fedadapt.config import RunConfig
+from fedadapt.layout import policy_path
 from fedadapt.privacy.identity import DatasetIdentity, identity_of
 from fedadapt.privacy.policy import SitePolicy, write_policy
 from fedadapt.privacy.record_budget import RecordBudget
@@ -116,7 +117,7 @@ def provision_simulated_sites(cfg: RunConfig, sites_dir: Path, names: Iterable[s
     has DP off. An existing policy is never overwritten: its ledger keeps composing.
     """
     for name in names:
-        path = Path(sites_dir) / name / "policy.toml"
+        path = policy_path(Path(sites_dir) / name)
         if path.exists():
             continue
         write_policy(path, SitePolicy(

@@ -9,21 +9,22 @@ same after a resume), and reads it back when ``context.state`` does not have it.
 
 The entries are the site's own: the phase anchor, the DP Fisher, earlier phases' LoRA A
 and the replay reservoir (records of the site's own data: they stay on the site's disk,
-next to the data they come from). Writes are atomic (temporary file + ``os.replace``).
+next to the data they come from). Writes are atomic (:mod:`fedadapt.atomic`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-MEMORY_DIR = "continual"
+from fedadapt import atomic
+from fedadapt.layout import MEMORY_DIR
+
 _RUN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -67,10 +68,7 @@ class SiteMemory:
         self.context.state[key] = ArrayRecord(tensors)
         path = self._path(key, ".safetensors")
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            save_file(tensors, str(tmp))
-            os.replace(tmp, path)
+            atomic.write_bytes(path, save(tensors))
 
     def number(self, key: str) -> int | None:
         """The integer stored under ``key``, or None."""
@@ -89,10 +87,7 @@ class SiteMemory:
         self.context.state[key] = ConfigRecord({"value": int(value)})
         path = self._path(key, ".json")
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps({"value": int(value)}))
-            os.replace(tmp, path)
+            atomic.write_json(path, {"value": int(value)}, indent=None)
 
     def _path(self, key: str, suffix: str) -> Path | None:
         return None if self.folder is None else self.folder / f"{key}{suffix}"

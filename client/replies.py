@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from fedadapt import atomic
 from fedadapt.client.memory import memory_folder
+from fedadapt.layout import REPLY_DIR
 
-REPLY_DIR = "replies"
 KEEP_ROUNDS = 2
 
 
@@ -64,13 +64,10 @@ def save_reply(folder: Path | None, rnd: int, tensors: dict[str, torch.Tensor],
     complete), and drop replies older than the last ``KEEP_ROUNDS`` rounds."""
     if folder is None:
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"r{rnd}.safetensors.tmp"
-    save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(tmp))
-    os.replace(tmp, folder / f"r{rnd}.safetensors")
-    tmp = folder / f"r{rnd}.json.tmp"
-    tmp.write_text(json.dumps({"metrics": metrics, "status": status, "received": received}))
-    os.replace(tmp, folder / f"r{rnd}.json")
+    atomic.write_bytes(folder / f"r{rnd}.safetensors",
+                       save({n: t.detach().cpu().contiguous() for n, t in tensors.items()}))
+    atomic.write_json(folder / f"r{rnd}.json",
+                      {"metrics": metrics, "status": status, "received": received}, indent=None)
     for old in folder.glob("r*.json"):
         k = old.stem[1:]
         if k.isdigit() and int(k) <= rnd - KEEP_ROUNDS:

@@ -10,19 +10,19 @@ Nothing here is taken from fedadapt.server messages.
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch.utils.data import TensorDataset
 
-from fedadapt.deploy.site_config import SITE_TOML, SiteConfig, load_site_config
-from fedadapt import keys
+from fedadapt.deploy.site_config import SiteConfig, load_site_config
+from fedadapt import atomic, keys
 from fedadapt.config import RunConfig
+from fedadapt.layout import PERSONAL_DIR, SITE_TOML
 from fedadapt.imaging.backbones import ModelSpec
 from fedadapt.imaging.datalist import ImageSpec, datalist_identity, load_split
 from fedadapt.imaging.medmnist import load_medmnist, medmnist_identity
@@ -30,12 +30,12 @@ from fedadapt.imaging.synthetic import ScannerShift, SiteSpec, default_sites, ma
 from fedadapt.imaging.scenario import Scenario, load_scenario, site_data
 from fedadapt.privacy.identity import DatasetIdentity, attach, synthetic_identity
 from fedadapt.strategies.factory import freezes_lora_a
+from fedadapt.imaging.run_spec import run_model_spec, run_task
 
 if TYPE_CHECKING:
     from fedadapt.continual.scenarios import ContinualScenario
 
 
-PERSONAL_DIR = "personal"  # <site-dir>/personal/<name>.safetensors
 
 
 @dataclass(frozen=True)
@@ -125,10 +125,7 @@ class Site:
             return None
         mine = {n: t.detach().cpu().contiguous() for n, t in state.items()
                 if any(k in n for k in self.personalised_keys)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(mine, str(tmp))
-        os.replace(tmp, path)
+        atomic.write_bytes(path, save(mine))
         return path
 
     @property
@@ -145,11 +142,11 @@ class Site:
     @property
     def task(self) -> str:
         """The run's task (``imaging.tasks.TASKS``): its scenario's, else classification."""
-        return self.run.task[0]
+        return run_task(self.run)[0]
 
     def model_spec(self) -> ModelSpec:
         """The architecture every site and the server share, at this site's LoRA rank."""
-        return dataclasses.replace(self.run.model_spec(), lora_rank=self.lora_rank)
+        return dataclasses.replace(run_model_spec(self.run), lora_rank=self.lora_rank)
 
     def continual(self) -> ContinualScenario | None:
         """The continual scenario the run follows, or None."""

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedadapt.continual.penalty import penalty_step
 from fedadapt.imaging.tasks import SCORE, Loss, TaskScores, task_loss
-from fedadapt.privacy.dp import DPRequest, make_private
+from fedadapt.privacy.dp import DPRequest, Wiring, make_private
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
           amp: bool = False, proximal_mu: float = 0.0,
           param_penalty: Callable[[], torch.Tensor] | None = None,
           extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-          loss_fn: Loss | None = None) -> TrainResult:
+          loss_fn: Loss | None = None, wiring: Wiring = make_private) -> TrainResult:
     """Train the trainable tensors of ``model`` on ``dataset`` in place.
 
     Args:
@@ -85,6 +85,9 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
             DP-SGD it is clipped and noised with it.
         loss_fn: The task loss ``f(logits, y)``, a mean over the batch's examples
             (``imaging.tasks.task_loss``); default cross-entropy.
+        wiring: How ``dp`` is wired into model, optimiser and loader: Opacus with Poisson
+            sampling (:func:`privacy.dp.make_private`); the empirical audit passes a
+            deliberately broken one (``privacy.empirical.fixed_batches``).
 
     Returns:
         The round's ``TrainResult``.
@@ -100,8 +103,8 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
     net: nn.Module = model
     if dp is not None:
         noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
-        net, optimizer, loader = make_private(model, optimizer, loader, request=dp,
-                                              generator=noise_gen)
+        net, optimizer, loader = wiring(model, optimizer, loader, request=dp,
+                                        generator=noise_gen)
         sample_rate = 1.0 / len(loader)
     loss_fn = loss_fn if loss_fn is not None else task_loss("classification")
     steps, total = 0, 0.0

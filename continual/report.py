@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedadapt import atomic
 from fedadapt.continual.metrics import as_matrix, summarize
 
 __all__ = ["continual_section", "write_heatmap"]
@@ -56,6 +57,6 @@ def write_heatmap(r: Sequence[Sequence[float]] | np.ndarray, path: Path, *, titl
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    atomic.write_figure(path, fig, dpi=100)
     plt.close(fig)
     return path

@@ -27,6 +27,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedadapt import atomic
+from fedadapt.layout import (AUTH_KEY, AUTH_PUB, CA_CERT, CA_KEY, SITES_DIR, SUPEREXEC_SECRET,
+                             SUPERLINK_CERT, SUPERLINK_KEY)
+
 DEFAULT_SANS = ("localhost", "127.0.0.1")
 _SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -66,10 +70,9 @@ def _san_entry(name: str) -> x509.GeneralName:
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    path.chmod(0o600)
+    atomic.write_bytes(path, key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()), mode=0o600)
 
 
 def generate(out_dir: str | Path, sites: tuple[str, ...], sans: tuple[str, ...] = DEFAULT_SANS,
@@ -113,26 +116,24 @@ def generate(out_dir: str | Path, sites: tuple[str, ...], sans: tuple[str, ...] 
                     ca_key.public_key()), critical=False)
                 .sign(ca_key, hashes.SHA256()))
 
-    paths = CertPaths(out / "ca.pem", out / "ca.key", out / "superlink.pem",
-                      out / "superlink.key", {}, out / "superexec.secret")
-    paths.superexec_secret.write_text(secrets.token_hex(32))
-    paths.superexec_secret.chmod(0o600)
-    paths.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths = CertPaths(out / CA_CERT, out / CA_KEY, out / SUPERLINK_CERT,
+                      out / SUPERLINK_KEY, {}, out / SUPEREXEC_SECRET)
+    atomic.write_text(paths.superexec_secret, secrets.token_hex(32), mode=0o600)
+    atomic.write_bytes(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
     _write_key(paths.ca_key, ca_key)
-    paths.server_cert.write_bytes(srv_cert.public_bytes(serialization.Encoding.PEM))
+    atomic.write_bytes(paths.server_cert, srv_cert.public_bytes(serialization.Encoding.PEM))
     _write_key(paths.server_key, srv_key)
 
     for site in sites:
-        d = out / "sites" / site
+        d = out / SITES_DIR / site
         d.mkdir(parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP384R1())
-        priv, pub = d / "auth.key", d / "auth.pub"
-        priv.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.OpenSSH,
-                                           serialization.NoEncryption()))
-        priv.chmod(0o600)
-        pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                      serialization.PublicFormat.OpenSSH)
-                        + f" fedadapt-{site}\n".encode())
+        priv, pub = d / AUTH_KEY, d / AUTH_PUB
+        atomic.write_bytes(priv, key.private_bytes(serialization.Encoding.PEM,
+                                                   serialization.PrivateFormat.OpenSSH,
+                                                   serialization.NoEncryption()), mode=0o600)
+        atomic.write_bytes(pub, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                              serialization.PublicFormat.OpenSSH)
+                           + f" fedadapt-{site}\n".encode())
         paths.site_keys[site] = (priv, pub)
     return paths

@@ -17,6 +17,7 @@ from pathlib import Path
 from fedadapt.deploy.site_config import SiteConfig, SiteConfigError
 from fedadapt.deploy.site_folder import SiteFolder
 from fedadapt import keys
+from fedadapt.layout import CA_CERT, SUPEREXEC_SECRET, SUPERLINK_CERT, SUPERLINK_KEY
 
 ISOLATIONS = ("subprocess", "process")
 SUPERLINK_PORT = 9092
@@ -102,17 +103,17 @@ def superlink_command(opts: SuperLinkOptions) -> list[str]:
     """
     fix = f"run `fedadapt certs {opts.certs} --sites a,b,c` first"
     cmd = [flower_executable("flower-superlink"),
-           "--ssl-ca-certfile", _existing(opts.certs / "ca.pem", "CA certificate", fix),
-           "--ssl-certfile", _existing(opts.certs / "superlink.pem", "SuperLink certificate",
+           "--ssl-ca-certfile", _existing(opts.certs / CA_CERT, "CA certificate", fix),
+           "--ssl-certfile", _existing(opts.certs / SUPERLINK_CERT, "SuperLink certificate",
                                        fix),
-           "--ssl-keyfile", _existing(opts.certs / "superlink.key", "SuperLink key", fix)]
+           "--ssl-keyfile", _existing(opts.certs / SUPERLINK_KEY, "SuperLink key", fix)]
     if opts.supernode_auth:
         cmd.append("--enable-supernode-auth")
     # The app's dependencies are installed with the project; never `uv sync` at run time.
     cmd += ["--disable-runtime-dependency-installation", "--database", opts.database,
             "--isolation", opts.isolation, "--host", opts.host, "--port", str(opts.port)]
     if opts.isolation == "process":
-        secret = opts.certs / "superexec.secret"
+        secret = opts.certs / SUPEREXEC_SECRET
         cmd += ["--superexec-auth-secret-file",
                 _existing(secret, "SuperExec secret", f"re-run `fedadapt certs` into "
                           f"{opts.certs} (it writes superexec.secret)")]

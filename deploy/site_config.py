@@ -28,12 +28,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedadapt import atomic
 from fedadapt.config import DEVICES
 from fedadapt.imaging.datalist import INTENSITY
+from fedadapt.layout import SITE_TOML
 
-SITE_TOML = "site.toml"
-POLICY_TOML = "policy.toml"
-LEDGER_DIR = "ledger"
 SYNTHETIC = "synthetic"
 DATA_SUFFIXES = (".json", ".npz")  # datalist (MSD style) or MedMNIST
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -291,5 +290,5 @@ def write_site_config(site_dir: str | Path, cfg: SiteConfig) -> Path:
     text = render_site_config(cfg)
     if site_config_from_dict(tomllib.loads(text)) != cfg:  # the file must read back as cfg
         raise RuntimeError("render_site_config does not round-trip; this is a bug")
-    path.write_text(text)
+    atomic.write_text(path, text)
     return path

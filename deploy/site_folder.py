@@ -14,13 +14,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fedadapt.deploy.site_config import (LEDGER_DIR, POLICY_TOML, SITE_TOML, SiteConfig, SiteConfigError,
-                                load_site_config, write_site_config)
+from fedadapt import atomic
+from fedadapt.deploy.site_config import (SiteConfig, SiteConfigError, load_site_config,
+                                         write_site_config)
+from fedadapt.layout import DATA_DIR, LEDGER_DIR, POLICY_TOML, SITE_TOML, SUPEREXEC_SECRET
 from fedadapt.privacy.record_groups import site_history
 from fedadapt.privacy.policy import SitePolicy, policy_from_dict
 
-DATA_DIR = "data"
-SUPEREXEC_SECRET = "superexec.secret"  # shared by this site's SuperNode and its executor
 
 # What each policy field means, for the comments of a written policy.toml.
 _POLICY_DOC = {
@@ -126,12 +126,11 @@ def init_site(site_dir: str | Path, cfg: SiteConfig, policy: dict[str, Any], *,
     policy_text = render_policy(policy)  # validate before writing anything
     folder.root.mkdir(parents=True, exist_ok=True)
     write_site_config(folder.root, cfg)
-    folder.policy_toml.write_text(policy_text)
+    atomic.write_text(folder.policy_toml, policy_text)
     folder.ledger.mkdir(exist_ok=True)
     folder.data.mkdir(exist_ok=True)
     if not folder.superexec_secret.exists():
-        folder.superexec_secret.write_text(secrets.token_hex(32))
-        folder.superexec_secret.chmod(0o600)
+        atomic.write_text(folder.superexec_secret, secrets.token_hex(32), mode=0o600)
     return folder
 
 

@@ -14,9 +14,11 @@ import sys
 import tomllib
 from typing import Any
 
+from fedadapt import atomic
+from fedadapt.client.empirical import for_site, run_audit
 from fedadapt.config import RunConfig
 from fedadapt.privacy.canaries import CANARY_TYPES
-from fedadapt.privacy.empirical import BROKEN, STATEMENT, AuditConfig, AuditResult, for_site, run_audit
+from fedadapt.privacy.empirical import BROKEN, STATEMENT, AuditConfig, AuditResult
 
 _D = AuditConfig()
 #: argparse dest of every empirical-only option (None when not given on the command line).
@@ -144,7 +146,7 @@ def write_plot(r: AuditResult, path: str) -> None:
                  f"eps_claimed={claimed}  AUROC={r.auroc:.2f}", fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic.write_figure(path, fig, dpi=100)
     plt.close(fig)
 
 

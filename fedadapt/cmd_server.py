@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fedadapt.deploy.commands import (ISOLATIONS, SUPERLINK_PORT, SuperLinkOptions, shell_line,
                              superlink_command)
+from fedadapt.layout import CA_CERT
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,7 +60,7 @@ def _start(args: argparse.Namespace) -> int:
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"SuperLink: {shell_line(cmd)}\nFor `flwr`, add to $FLWR_HOME/config.toml "
           f"(default ~/.flwr/config.toml):\n"
-          f"{connection_toml('hospitals', f'{host}:{args.port}', args.certs / 'ca.pem')}",
+          f"{connection_toml('hospitals', f'{host}:{args.port}', args.certs / CA_CERT)}",
           file=sys.stderr, flush=True)
     os.execv(cmd[0], cmd)  # the SuperLink takes over this PID; returns only on error
     return 1  # pragma: no cover

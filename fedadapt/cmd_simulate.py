@@ -10,7 +10,9 @@ from pathlib import Path
 from fedadapt.argtypes import nonneg_float, positive_int
 from fedadapt.config import (CONTINUAL_METHODS, CONTINUAL_SCENARIOS, DEVICES, ConfigError,
                              RunConfig)
-from fedadapt.strategies.names import STRATEGIES, WIRE_DTYPES
+from fedadapt.imaging.run_spec import run_model_spec
+from fedadapt.layout import ADAPTER_DIR, SUMMARY_JSON
+from fedadapt.names import STRATEGIES, WIRE_DTYPES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,6 +67,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"dtype of adapter tensors on the wire (default {d.wire_dtype})")
     p.add_argument("--site-ranks", default=d.site_ranks, metavar="R1,R2,...",
                    help="one LoRA rank per simulated site (heterogeneous ranks)")
+    _add_run_args(p, d)
+    p.set_defaults(func=_simulate)
+
+
+def _add_run_args(p: argparse.ArgumentParser, d: RunConfig) -> None:
+    """Tracking, privacy, continual, strategy and fault options of ``simulate``."""
     p.add_argument("--tensorboard", action="store_true",
                    help="log rounds to <run dir>/tensorboard/")
     p.add_argument("--mlflow", action="store_true", help="log rounds to <out>/mlruns (MLflow)")
@@ -100,7 +108,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "config and sites (only --rounds may be raised; other flags that differ "
                    "from it are an error)")
     p.add_argument("--verbose", action="store_true", help="show Flower's own log")
-    p.set_defaults(func=_simulate)
 
 
 def _with_scenario(cfg: RunConfig, name_or_path: str, *,
@@ -130,7 +137,7 @@ def _with_scenario(cfg: RunConfig, name_or_path: str, *,
     cfg = cfg.replace(scenario=ref, num_sites=len(sc.sites), image_size=sc.image_size,
                       num_classes=sc.num_classes, seed=sc.seed, backbone_weights=weights)
     try:
-        cfg.model_spec()
+        run_model_spec(cfg)
     except ValueError as e:
         raise ConfigError(f"--scenario {name_or_path!r}: {e}") from e
     return cfg
@@ -215,7 +222,7 @@ def _simulate(args: argparse.Namespace) -> int:
         cfg = _resumed(cfg, args.resume)
     if cfg.backbone_path:
         try:
-            cfg.model_spec()
+            run_model_spec(cfg)
         except ValueError as e:
             raise ConfigError(f"--backbone: {e}") from e
     if cfg.device == "cuda":
@@ -227,7 +234,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from fedadapt.simulations.runner import simulate
 
     run_dir = simulate(cfg, gpu_fraction=args.gpu_fraction, verbose=args.verbose)
-    print(f"summary: {run_dir / 'summary.json'}\nadapter: {run_dir / 'adapter'}")
+    print(f"summary: {run_dir / SUMMARY_JSON}\nadapter: {run_dir / ADAPTER_DIR}")
     return _outcome(run_dir)
 
 
@@ -235,7 +242,7 @@ def _outcome(run_dir: Path) -> int:
     """1 (with the sites and reasons on stderr) if a site failed in every round, else 0."""
     from fedadapt.simulations.outcome import persistent_failures
 
-    failures = persistent_failures(json.loads((run_dir / "summary.json").read_text()))
+    failures = persistent_failures(json.loads((run_dir / SUMMARY_JSON).read_text()))
     for line in failures:
         print(f"error: {line}", file=sys.stderr)
     if failures:

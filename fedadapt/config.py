@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
-from fedadapt.strategies.names import STRATEGIES, WIRE_DTYPES
-
-if TYPE_CHECKING:
-    from fedadapt.imaging.backbones import ModelSpec
+from fedadapt.names import STRATEGIES, WIRE_DTYPES
 
 DEVICES = ("auto", "cpu", "cuda")
 CONTINUAL_METHODS = ("naive", "ewc", "lwf", "replay", "olora")
@@ -51,7 +48,7 @@ class RunConfig:
         out_dir: Parent folder of the run directory ``<out_dir>/<timestamp>/``.
         scenario: A scenario name or TOML path (``simulations/scenarios/``) whose sites
             replace the default synthetic hospitals; empty for the defaults. Its task
-            and dimensionality choose the model (:meth:`model_spec`) and the sites' loss.
+            and dimensionality choose the model (``imaging.run_spec.run_model_spec``) and the sites' loss.
         strategy: Aggregation strategy (``strategies/``): fedavg, ffa-lora,
             exact, median, trimmed-mean, fedprox, fedadam, fedyogi.
         proximal_mu: FedProx proximal weight μ (used by ``fedprox``).
@@ -277,47 +274,6 @@ class RunConfig:
     def phase_of_round(self, server_round: int) -> int:
         """0-based phase of a 1-based round (always 0 outside continual scenarios)."""
         return (server_round - 1) // self.rounds_per_phase if self.is_continual else 0
-
-    def model_spec(self) -> "ModelSpec":
-        """The architecture every site and the server build from this config."""
-        from fedadapt.imaging.backbones import ModelSpec, backbone_for
-
-        task, dims = self.task
-        backbone = self._scenario_backbone() or backbone_for(task, dims)
-        return ModelSpec(image_size=self.image_size, num_classes=self.num_classes,
-                         lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, seed=self.seed,
-                         backbone_weights="random" if self.backbone_path else
-                         self.backbone_weights, task=task, spatial_dims=dims,
-                         backbone="" if self.backbone_path else backbone,
-                         backbone_path=self.backbone_path)
-
-    def _scenario_backbone(self) -> str:
-        """The registry backbone a scenario names (``backbone = ...``), else empty."""
-        if not self.scenario or self.is_continual:
-            return ""
-        from fedadapt.imaging.scenario import load_scenario
-
-        return load_scenario(self.scenario).backbone
-
-    @property
-    def task(self) -> tuple[str, int]:
-        """``(task, spatial_dims)`` of the run: its scenario's, else 2-D classification.
-
-        Raises:
-            ConfigError: If ``image-size`` or ``num-classes`` differ from the scenario's
-                (``fedadapt simulate --scenario`` copies them; ``flwr run`` must set them).
-        """
-        if not self.scenario or self.is_continual:
-            return "classification", 2
-        from fedadapt.imaging.scenario import load_scenario
-
-        sc = load_scenario(self.scenario)
-        if (self.image_size, self.num_classes) != (sc.image_size, sc.num_classes):
-            raise ConfigError(f"scenario {self.scenario!r} has image_size={sc.image_size}, "
-                              f"num_classes={sc.num_classes} but the run config has "
-                              f"image-size={self.image_size}, num-classes={self.num_classes}; "
-                              "set them to the scenario's")
-        return sc.task, sc.spatial_dims
 
     def rank_of_site(self, index: int) -> int:
         """The LoRA rank simulated site ``index`` trains at (``site-ranks``, else global)."""

@@ -29,6 +29,7 @@ from monai.networks.blocks import TransformerBlock
 from monai.networks.nets import ViT
 from torch import nn
 
+from fedadapt import atomic
 from fedadapt.imaging.backbones import ModelSpec, ViTClassifier
 from fedadapt.imaging.synthetic import ScannerShift, SiteSpec, make_site_data
 
@@ -271,12 +272,12 @@ def save_encoder(result: PretrainResult, cfg: PretrainConfig, path: str | Path) 
                          f"found suffix '{suffix}'")
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         meta = {"method": "MAE (He et al., CVPR 2022)",
                 "pretrain_config": json.dumps(asdict(cfg), sort_keys=True),
                 "losses": json.dumps([round(v, 6) for v in result.losses])}
-        save_file(result.encoder_state, str(path), metadata=meta)
+        atomic.write_bytes(path, save(result.encoder_state, metadata=meta))
     else:
-        torch.save(result.encoder_state, path)
+        atomic.write_torch(path, result.encoder_state)
     return path

@@ -18,6 +18,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from fedadapt import atomic
+
 Remap = Sequence[tuple[str, str | None]]
 
 
@@ -159,8 +161,8 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import save_file
-        save_file(state, str(path))
+        from safetensors.torch import save
+        atomic.write_bytes(path, save(state))
     else:
-        torch.save(state, path)
+        atomic.write_torch(path, state)
     return path

@@ -16,6 +16,8 @@ import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedadapt import atomic
+from fedadapt.layout import policy_path, site_of_ledger
 from fedadapt.privacy.accounting import epsilon
 from fedadapt.privacy.audit_records import audit_records
 from fedadapt.privacy.ledger import LedgerError, mechanism, read_entries
@@ -47,7 +49,7 @@ class SiteAudit:
 
 
 def _cap_for(path: Path) -> float | None:
-    policy = path.parent.parent / "policy.toml"
+    policy = policy_path(site_of_ledger(path))
     if not policy.is_file():
         return None
     with policy.open("rb") as fh:
@@ -138,5 +140,5 @@ def plot(audits: list[SiteAudit], out: str | Path) -> None:
     ax.set_ylabel("record-level epsilon")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out)
+    atomic.write_figure(out, fig)
     plt.close(fig)

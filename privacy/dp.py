@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from opacus import GradSampleModule, PrivacyEngine
@@ -39,6 +40,14 @@ class DPRequest:
         if not 0 < self.max_grad_norm < math.inf:
             raise ValueError(f"max_grad_norm must be finite and > 0, got "
                              f"{self.max_grad_norm}")
+
+
+class Wiring(Protocol):
+    """How DP-SGD is wired into a model, optimiser and loader (:func:`make_private`)."""
+
+    def __call__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loader: DataLoader, *, request: DPRequest, generator: torch.Generator
+                 ) -> tuple[GradSampleModule, DPOptimizer, DataLoader]: ...
 
 
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *,

@@ -22,6 +22,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from fedadapt import atomic
 from fedadapt.privacy.accounting import ACCOUNTANTS
 
 
@@ -149,6 +150,4 @@ def write_policy(path: str | Path, policy: SitePolicy) -> None:
             lines.append(f"{f.name} = {str(v).lower()}")
         else:
             lines.append(f'{f.name} = "{v}"' if isinstance(v, str) else f"{f.name} = {v!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    atomic.write_text(path, "\n".join(lines) + "\n")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fedadapt.privacy.accounting import Mechanism, epsilon
 from fedadapt.privacy.guard import Decision, TrainRequest, check
+from fedadapt.layout import ledger_dir, policy_path
 from fedadapt.privacy.identity import DatasetIdentity
 from fedadapt.privacy.ledger import Ledger, ledger_path
 from fedadapt.privacy.policy import SitePolicy, load_policy
@@ -86,12 +87,12 @@ def open_site_budget(site_dir: str | Path, site: str, data_fingerprint: str, *,
             (format 2), composed with every ledger of the site.
     """
     site_dir = Path(site_dir)
-    policy = load_policy(site_dir / "policy.toml", n_records=n_records)
+    policy = load_policy(policy_path(site_dir), n_records=n_records)
     if identity is not None:
-        folder = site_dir / "ledger"
+        folder = ledger_dir(site_dir)
         site_history(folder)  # verify every ledger and manifest now: fail closed
         return RecordBudget(site, policy, Ledger(dataset_ledger_path(
             folder, site, identity.dataset_id)), identity)
-    ledger = Ledger(ledger_path(site_dir / "ledger", site, data_fingerprint))
+    ledger = Ledger(ledger_path(ledger_dir(site_dir), site, data_fingerprint))
     ledger.entries()  # verify the chain now: a corrupt ledger stops the site
     return SiteBudget(site, policy, ledger)

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedadapt import atomic
+from fedadapt.layout import REPORT_HTML, SUMMARY_JSON
 from fedadapt.report.plots import all_plots, score_name
 
 REQUIRED = ("config", "sites", "rounds")
@@ -36,7 +38,7 @@ def load_summary(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"run directory {run_dir} does not exist")
-    path = run_dir / "summary.json"
+    path = run_dir / SUMMARY_JSON
     if not path.is_file():
         raise ReportError(f"{path} is missing: the run did not finish or this is not a run "
                           f"directory")
@@ -116,8 +118,6 @@ def build_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     summary = load_summary(run_dir)
     plots = all_plots(summary, run_dir)
-    out = run_dir / "report.html"
-    tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(render(summary, plots), encoding="utf-8")
-    tmp.replace(out)
+    out = run_dir / REPORT_HTML
+    atomic.write_text(out, render(summary, plots))
     return out

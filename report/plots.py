@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedadapt import atomic
+
 
 def _sites(rounds: list[dict[str, Any]], stage: str) -> list[str]:
     return sorted({s for r in rounds for s in r.get(stage, {})})
@@ -29,7 +31,7 @@ def _series(rounds: list[dict[str, Any]], stage: str, site: str,
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic.write_figure(path, fig, dpi=100)
     plt.close(fig)
     return path
 

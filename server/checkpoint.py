@@ -38,11 +38,13 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
+from fedadapt import atomic
 from fedadapt.config import RunConfig
+from fedadapt.layout import CHECKPOINT
 from fedadapt.server.record import RoundLog, RunLog
 
 FORMAT = "fedadapt.checkpoint/1"
-FILENAME = "checkpoint.pt"
+FILENAME = CHECKPOINT
 # Keys a resumed run may change: where it resumes from, and how many rounds it runs in all.
 RESUMABLE_KEYS = ("resume-from", "num-server-rounds")
 # Keys of ``extra`` the round loop writes (server/app.py).
@@ -168,19 +170,7 @@ def save_checkpoint(run_dir: Path, cfg: RunConfig, rnd: int, arrays: ArrayRecord
                "strategy": strategy_state(strategy), "log": _log_state(log),
                "spent_sites": _spent(log), "started": float(started),
                "extra": dict(extra or {})}
-    path = checkpoint_path(run_dir)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
+    return atomic.write_torch(checkpoint_path(run_dir), payload)
 
 
 def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint:

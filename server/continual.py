@@ -9,18 +9,19 @@ model gives the baseline b for FWT. Metrics: ``continual.metrics`` (Lopez-Paz & 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from fedadapt.continual.report import continual_section, write_heatmap
-from fedadapt import keys
+from fedadapt import atomic, keys
 from fedadapt.config import RunConfig
+from fedadapt.messages import (EvaluateReply, FisherConfig, FisherReply, Refusal,
+                               query_message, reply_state)
 
 HEATMAP = "continual_R.png"
 #: The server's running sum of the phases' DP Fishers (site-incremental ewc) after round
@@ -35,7 +36,7 @@ def shares_fisher(cfg: RunConfig) -> bool:
 
 
 def collect_fisher(grid: Grid, arrays: ArrayRecord, *, cfg: RunConfig, rnd: int,
-                   config: ConfigRecord, encode: Callable[[list[Message]], list[Message]],
+                   config: FisherConfig, encode: Callable[[list[Message]], list[Message]],
                    timeout: float) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
     """Ask every node for a DP Fisher of the phase that ended at round ``rnd``.
 
@@ -48,8 +49,7 @@ def collect_fisher(grid: Grid, arrays: ArrayRecord, *, cfg: RunConfig, rnd: int,
         The phase's Fisher (None if no site sent one) and a report of who sent what
         (``sites``: records and ε after the release; ``refused`` and ``failed``).
     """
-    messages = [Message(RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config}),
-                        dst_node_id=node, message_type=keys.QUERY_FISHER, group_id=str(rnd))
+    messages = [query_message(arrays, config, node_id=node, group_id=str(rnd))
                 for node in grid.get_node_ids()]
     total: dict[str, torch.Tensor] = {}
     weight = 0
@@ -61,17 +61,18 @@ def collect_fisher(grid: Grid, arrays: ArrayRecord, *, cfg: RunConfig, rnd: int,
                 f"{reply.error.code}: {reply.error.reason}" if reply.has_error()
                 else "no content")})
             continue
-        status, m = reply.content[keys.STATUS], reply.content[keys.METRICS]
-        state, site = str(status[keys.STATE]), str(status[keys.SITE_ID])
+        state = reply_state(reply)
         if state == keys.STATE_REFUSED:
-            report["refused"].append({"site": site, "reason": str(status[keys.REASON])})
+            refusal = Refusal.from_message(reply)
+            report["refused"].append({"site": refusal.site_id, "reason": refusal.reason})
         elif state == keys.STATE_OK:
-            n = int(m[keys.NUM_EXAMPLES])
-            for name, t in reply.content[keys.ARRAYS].to_torch_state_dict().items():
+            got = FisherReply.from_message(reply)
+            n = got.num_examples
+            for name, t in got.fisher.to_torch_state_dict().items():
                 total[name] = total.get(name, 0) + n * t.float()
             weight += n
-            report["sites"][site] = {"num_examples": n, "epsilon": float(m[keys.EPSILON]),
-                                     "epsilon_cap": float(m[keys.EPSILON_CAP])}
+            report["sites"][got.site_id] = {"num_examples": n, "epsilon": got.epsilon,
+                                            "epsilon_cap": got.epsilon_cap}
     if not weight:
         return None, report
     return {name: t / weight for name, t in total.items()}, report
@@ -81,9 +82,7 @@ def save_fisher(run_dir: Path, fisher: dict[str, torch.Tensor], rnd: int) -> str
     """Write the running Fisher after round ``rnd`` atomically, before the checkpoint
     that names it; returns the file name."""
     name = FISHER_FILE.format(rnd)
-    tmp = run_dir / (name + ".tmp")
-    save_file({n: t.contiguous() for n, t in fisher.items()}, str(tmp))
-    os.replace(tmp, run_dir / name)
+    atomic.write_bytes(run_dir / name, save({n: t.contiguous() for n, t in fisher.items()}))
     return name
 
 
@@ -92,13 +91,9 @@ def phase_scores(replies: Iterable[Message], num_phases: int) -> list[float | No
     hits = [0.0] * num_phases
     sizes = [0] * num_phases
     for reply in replies:
-        m = reply.content[keys.METRICS]
-        for j in range(num_phases):
-            key = keys.EVAL_ACC_PHASE.format(j)
-            if key in m:
-                n = int(m[keys.NUM_EXAMPLES_PHASE.format(j)])
-                hits[j] += float(m[key]) * n
-                sizes[j] += n
+        for p in EvaluateReply.phase_scores(reply, num_phases):
+            hits[p.phase] += p.accuracy * p.num_examples
+            sizes[p.phase] += p.num_examples
     return [h / n if n else None for h, n in zip(hits, sizes)]
 
 

@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedadapt import keys
+from fedadapt.messages import EvaluateReply
 
 MAX_SITES = 16  # (1 + K)·K evaluations: skipped above this many sites
 
@@ -44,8 +44,8 @@ def cross_site_eval(grid: Grid, strategy: Strategy, rnd: int, global_arrays: Arr
     for name, arrays in models.items():
         replies: Iterable[Message] = grid.send_and_receive(
             encode(strategy.configure_evaluate(rnd, arrays, config, grid)), timeout=timeout)
-        scores[name] = {str(r.content[keys.STATUS][keys.SITE_ID]):
-                        float(r.content[keys.METRICS][keys.EVAL_ACC]) for r in replies if ok(r)}
+        scores[name] = {e.site_id: e.accuracy for e in
+                        (EvaluateReply.from_message(r) for r in replies if ok(r))}
     sites = sorted({s for row in scores.values() for s in row})
     return {"models": list(models), "sites": sites,
             "accuracy": [[scores[m].get(s) for s in sites] for m in models]}

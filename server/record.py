@@ -8,6 +8,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Message
 
 from fedadapt import keys
+from fedadapt.messages import EvaluateReply, Refusal, TrainReply, reply_site
 
 
 def payload_bytes(record: ArrayRecord) -> int:
@@ -80,65 +81,53 @@ class RunLog:
             log.bytes_down += payload_bytes(rec)
 
     def site_of(self, reply: Message) -> str:
-        return str(reply.content[keys.STATUS][keys.SITE_ID])
+        return reply_site(reply)
 
     def trained(self, log: RoundLog, reply: Message) -> None:
-        rec = reply.content[keys.ARRAYS]
-        self.wire_tensors.update(rec.keys())
-        log.bytes_up += payload_bytes(rec)
-        m = reply.content[keys.METRICS]
-        site = self.site_of(reply)
-        log.train[site] = {"loss": float(m[keys.TRAIN_LOSS]), "epsilon": float(m[keys.EPSILON]),
-                           "epsilon_round": float(m[keys.EPSILON_ROUND]),
-                           "delta": float(m[keys.DELTA]), "steps": int(m[keys.STEPS]),
-                           "sample_rate": float(m[keys.SAMPLE_RATE]),
-                           "num_examples": int(m[keys.NUM_EXAMPLES])}
-        log.train[site]["noise_multiplier"] = float(m.get(keys.NOISE_MULTIPLIER, 0.0))
-        info = self.sites.setdefault(site, {"partition_id": int(m[keys.PARTITION_ID])})
-        info.update(num_train=int(m[keys.NUM_EXAMPLES]), epsilon=float(m[keys.EPSILON]),
-                    delta=float(m[keys.DELTA]), rounds_trained=info.get("rounds_trained", 0) + 1)
-        if keys.LORA_RANK in m:  # heterogeneous ranks: the rank the site trained at
-            info["lora_rank"] = int(m[keys.LORA_RANK])
-        if keys.EPSILON_CAP in m:
-            cap = float(m[keys.EPSILON_CAP])
-            info.update(epsilon_cap=cap, epsilon_remaining=cap - float(m[keys.EPSILON]))
-        status = reply.content[keys.STATUS]
-        if keys.ACCOUNTANT in status:
-            info["accountant"] = str(status[keys.ACCOUNTANT])
+        r = TrainReply.from_message(reply)
+        self.wire_tensors.update(r.arrays.keys())
+        log.bytes_up += payload_bytes(r.arrays)
+        log.train[r.site_id] = {"loss": r.train_loss, "epsilon": r.epsilon,
+                                "epsilon_round": r.epsilon_round, "delta": r.delta,
+                                "steps": r.steps, "sample_rate": r.sample_rate,
+                                "num_examples": r.num_examples,
+                                "noise_multiplier": r.noise_multiplier}
+        info = self.sites.setdefault(r.site_id, {"partition_id": r.partition_id})
+        info.update(num_train=r.num_examples, epsilon=r.epsilon, delta=r.delta,
+                    rounds_trained=info.get("rounds_trained", 0) + 1)
+        if r.lora_rank is not None:  # heterogeneous ranks: the rank the site trained at
+            info["lora_rank"] = r.lora_rank
+        if r.epsilon_cap is not None:
+            info.update(epsilon_cap=r.epsilon_cap, epsilon_remaining=r.epsilon_cap - r.epsilon)
+        if r.accountant is not None:
+            info["accountant"] = r.accountant
 
     def refused(self, log: RoundLog, reply: Message) -> bool:
         """Record a site's structured refusal; True if its budget is spent for good."""
-        status = reply.content[keys.STATUS]
-        site = self.site_of(reply)
-        spent = bool(status.get(keys.BUDGET_SPENT, False))
-        entry = {"site": site, "node_id": reply.metadata.src_node_id,
-                 "reason": str(status[keys.REASON]),
-                 "epsilon_spent": float(status[keys.EPSILON_SPENT]),
-                 "epsilon_remaining": float(status[keys.EPSILON_REMAINING]),
-                 "epsilon_cap": float(status[keys.EPSILON_CAP]), "budget_spent": spent}
+        r = Refusal.from_message(reply)
+        entry = {"site": r.site_id, "node_id": reply.metadata.src_node_id, "reason": r.reason,
+                 "epsilon_spent": r.epsilon_spent, "epsilon_remaining": r.epsilon_remaining,
+                 "epsilon_cap": r.epsilon_cap, "budget_spent": r.budget_spent}
         log.refusals.append(entry)
-        info = self.sites.setdefault(
-            site, {"partition_id": int(reply.content[keys.METRICS][keys.PARTITION_ID])})
+        info = self.sites.setdefault(r.site_id, {"partition_id": r.partition_id})
         info.setdefault("refused_from_round", log.round)
         info.update(epsilon=entry["epsilon_spent"], epsilon_cap=entry["epsilon_cap"],
                     epsilon_remaining=entry["epsilon_remaining"], refusal=entry["reason"])
         info.setdefault("rounds_trained", 0)
-        return spent
+        return r.budget_spent
 
     def evaluated(self, log: RoundLog, reply: Message) -> None:
-        m = reply.content[keys.METRICS]
-        site = self.site_of(reply)
-        log.evaluate[site] = {"loss": float(m[keys.EVAL_LOSS]), "accuracy": float(m[keys.EVAL_ACC]),
-                              "num_examples": int(m[keys.NUM_EXAMPLES])}
-        info = self.sites.setdefault(site, {"partition_id": int(m[keys.PARTITION_ID])})
-        info.update(num_test=int(m[keys.NUM_EXAMPLES]), final_accuracy=float(m[keys.EVAL_ACC]))
-        for name, key in keys.EVAL_METRICS.items():  # Dice, balanced accuracy, AUC
-            if key in m:
-                log.evaluate[site][name] = info[f"final_{name}"] = float(m[key])
-        if keys.EVAL_ACC_PERSONAL in m:  # the site's personal tensors over the global model
-            log.evaluate[site].update(loss_personal=float(m[keys.EVAL_LOSS_PERSONAL]),
-                                      accuracy_personal=float(m[keys.EVAL_ACC_PERSONAL]))
-            info["final_accuracy_personal"] = float(m[keys.EVAL_ACC_PERSONAL])
+        r = EvaluateReply.from_message(reply)
+        log.evaluate[r.site_id] = {"loss": r.loss, "accuracy": r.accuracy,
+                                   "num_examples": r.num_examples}
+        info = self.sites.setdefault(r.site_id, {"partition_id": r.partition_id})
+        info.update(num_test=r.num_examples, final_accuracy=r.accuracy)
+        for name, value in r.scores.items():  # Dice, balanced accuracy, AUC
+            log.evaluate[r.site_id][name] = info[f"final_{name}"] = value
+        if r.accuracy_personal is not None:  # the site's personal tensors over the global model
+            log.evaluate[r.site_id].update(loss_personal=r.loss_personal,
+                                           accuracy_personal=r.accuracy_personal)
+            info["final_accuracy_personal"] = r.accuracy_personal
 
     def failed(self, log: RoundLog, reply: Message, stage: str) -> None:
         err = reply.error if reply.has_error() else None

@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 import fedadapt
 from fedadapt.config import RunConfig
 from fedadapt.imaging.backbones import ModelSpec, backbone_weights_path, build_model
+from fedadapt.imaging.run_spec import run_model_spec
 from fedadapt.server.model_card import render_card
 from fedadapt.server.provenance import (ProvenanceError, file_sha256, git_commit, ledger_head,
                                         library_versions, state_dict_sha256)
@@ -123,7 +124,7 @@ def build_manifest(run_dir: Path, summary: Mapping[str, Any], sites: Mapping[str
                 "strategy": cfg.strategy, "privacy": summary.get("privacy")},
         "code": {"fedadapt": fedadapt.__version__, "git_commit": commit, "git_dirty": dirty},
         "versions": library_versions(),
-        "base_model": base_model_record(cfg.model_spec()),
+        "base_model": base_model_record(run_model_spec(cfg)),
         "adapter": {"sha256": file_sha256(adapter_dir / "adapter_model.safetensors"),
                     "tensors_sha256": state_dict_sha256(tensors), "num_tensors": len(tensors)},
         "sites": dict(sites)}

@@ -1,20 +1,19 @@
-"""The run directory: ``summary.json`` (schema in the README) and the final PEFT adapter."""
+"""The run directory: its run key and the final PEFT adapter (``summary.json``: ``server.summary``)."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
+import uuid
 from pathlib import Path
-from typing import Any
 
 from flwr.app import ArrayRecord
 
+from fedadapt import atomic
 from fedadapt.config import RunConfig
 from fedadapt.imaging.backbones import build_model, load_trainable
-
-SCHEMA = "fedadapt.summary/1"
-ADAPTER_DIR = "adapter"
+from fedadapt.layout import ADAPTER_DIR, RUN_KEY_FILE
+from fedadapt.imaging.run_spec import run_model_spec
 
 
 def new_run_dir(out_dir: str | os.PathLike[str]) -> Path:
@@ -27,20 +26,22 @@ def new_run_dir(out_dir: str | os.PathLike[str]) -> Path:
     return path
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and a rename: never half-written."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def run_key(run_dir: Path) -> str:
+    """The federation run's name for the sites (``keys.RUN_KEY``): the run directory's
+    name and a random suffix, made once and kept in ``<run_dir>/run-key`` so that a
+    resumed run sends the same one and two federations never share one."""
+    path = run_dir / RUN_KEY_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    key = f"{run_dir.name}-{uuid.uuid4().hex[:12]}"
+    atomic.write_text(path, key + "\n")
+    return key
 
 
 def save_adapter(run_dir: Path, cfg: RunConfig, arrays: ArrayRecord) -> Path:
     """Save the global adapter + head in PEFT format (``adapter_config.json`` +
     ``adapter_model.safetensors``), loadable with ``PeftModel.from_pretrained``."""
-    model = build_model(cfg.model_spec())
+    model = build_model(run_model_spec(cfg))
     load_trainable(model, arrays.to_torch_state_dict())
     out = run_dir / ADAPTER_DIR
     model.save_pretrained(str(out))

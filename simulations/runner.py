@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from fedadapt import keys
 from fedadapt.config import RunConfig
+from fedadapt.layout import SITES_DIR, SUMMARY_JSON
 
 #: Flower 1.41 marks ``flwr.simulation.run_simulation`` deprecated in favour of
 #: ``flwr run`` (a local SuperLink in separate processes) and has no public in-process
@@ -94,7 +95,7 @@ def simulate(cfg: RunConfig, *, gpu_fraction: float = 0.5, verbose: bool = False
     # Each simulated hospital gets its own folder (policy.toml + ledger/): fresh inside
     # the run directory, or the kept `sites-dir` whose ledgers compose across runs.
     if not cfg.sites_dir:
-        cfg = cfg.replace(sites_dir=str(run_dir / "sites"))
+        cfg = cfg.replace(sites_dir=str(run_dir / SITES_DIR))
     overrides = cfg.to_mapping()
     names = [site_from_context(overrides, {keys.NODE_PARTITION_ID: i,
                                            keys.NODE_NUM_PARTITIONS: cfg.num_sites}).name
@@ -118,8 +119,8 @@ def simulate(cfg: RunConfig, *, gpu_fraction: float = 0.5, verbose: bool = False
                            backend_config=backend_config(cfg, gpu_fraction=gpu_fraction))
     finally:
         flwr_log.removeFilter(notice)
-    summary = run_dir / "summary.json"
+    summary = run_dir / SUMMARY_JSON
     if not summary.exists() or summary.stat().st_mtime < started:
-        raise RuntimeError(f"the simulation ended without writing {run_dir / 'summary.json'}; "
+        raise RuntimeError(f"the simulation ended without writing {summary}; "
                            "rerun with --verbose to see Flower's log")
     return run_dir

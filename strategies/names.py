@@ -1,7 +1,9 @@
-"""The strategy names accepted by ``RunConfig.strategy`` and ``--strategy`` (no imports)."""
+"""The strategy names accepted by ``RunConfig.strategy`` and ``--strategy``.
 
-STRATEGIES = ("fedavg", "ffa-lora", "exact", "median", "trimmed-mean", "fedprox", "fedadam",
-              "fedyogi")
+Defined in the core (:mod:`fedadapt.names`) so that the run config does not import this
+package; re-exported here for the strategies that implement them.
+"""
 
-# dtypes adapter tensors may travel in (``RunConfig.wire_dtype``, :mod:`strategies.wire`).
-WIRE_DTYPES = ("float32", "bfloat16", "float16")
+from fedadapt.names import STRATEGIES, WIRE_DTYPES
+
+__all__ = ["STRATEGIES", "WIRE_DTYPES"]

@@ -193,7 +193,8 @@ class _Grid:
 
 
 def test_dead_and_silent_sites_are_failures_of_their_node_and_site(task_identity):
-    from fedadapt.server.app import ROUND_TIMEOUT_S, _exchange
+    from fedadapt.server.exchange import ROUND_TIMEOUT_S
+    from fedadapt.server.exchange import exchange as _exchange
     from fedadapt.server.record import RoundLog
 
     messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (7, 8)]
@@ -207,7 +208,7 @@ def test_dead_and_silent_sites_are_failures_of_their_node_and_site(task_identity
 
 def test_after_the_first_round_no_round_waits_for_every_site():
     from fedadapt.config import RunConfig
-    from fedadapt.server.app import _go_on_without_dead_sites
+    from fedadapt.server.exchange import go_on_without_dead_sites as _go_on_without_dead_sites
     from fedadapt.strategies.factory import build_strategy
 
     cfg = RunConfig(num_sites=3, site_dp=True, min_train_sites=2)

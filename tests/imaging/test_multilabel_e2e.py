@@ -13,7 +13,8 @@ from PIL import Image
 from fedadapt import keys
 from fedadapt.cli import main
 from fedadapt.config import RunConfig
-from tests.test_segmentation_e2e import site_round
+from fedadapt.imaging.run_spec import run_model_spec
+from tests.imaging.test_segmentation_e2e import site_round
 
 
 def _site(folder, seed):
@@ -52,7 +53,7 @@ image = { intensity = "normalize" }
     assert main(["simulate", "--scenario", str(tmp_path / "ml.toml"), "--rounds", "1",
                  "--out", str(out), "--device", "cpu", "--batch-size", "8"]) == 0
     summary = json.loads((next(out.iterdir()) / "summary.json").read_text())
-    spec = RunConfig.from_mapping(summary["config"]).model_spec()
+    spec = run_model_spec(RunConfig.from_mapping(summary["config"]))
     assert (spec.task, spec.backbone, spec.num_classes) == ("multilabel", "", 3)
     assert summary["config"]["backbone-weights"] == "builtin"  # the pretrained default ViT
     rnd = summary["rounds"][0]
@@ -92,7 +93,7 @@ name = "volumes"
 datalist = "datalist.json"
 """)
     cfg, train_m, eval_m = site_round(tmp_path, tmp_path / "c3d.toml", "volumes")
-    spec = cfg.model_spec()
+    spec = run_model_spec(cfg)
     assert (spec.task, spec.spatial_dims, spec.backbone) == ("classification", 3, "vit-3d")
     assert train_m[keys.NUM_EXAMPLES] == 8 and eval_m[keys.NUM_EXAMPLES] == 4
     assert 0.0 <= eval_m[keys.EVAL_ACC] <= 1.0 and 0.0 <= eval_m[keys.EVAL_METRICS["auc"]] <= 1.0

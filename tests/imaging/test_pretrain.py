@@ -12,6 +12,7 @@ from fedadapt.imaging.backbones import (BUILTIN_WEIGHTS, ModelSpec, ViTClassifie
                                   public_reference_images)
 from fedadapt.imaging.pretrain import MaskedAutoencoder, PretrainConfig, pretrain, save_encoder
 from fedadapt.imaging.weights import CheckpointError, load_weights, read_checkpoint
+from fedadapt.imaging.run_spec import run_model_spec
 
 # A tiny encoder so that a few epochs take a second or two.
 TINY = ModelSpec(image_size=16, patch_size=4, hidden_size=32, mlp_dim=64, num_layers=1,
@@ -93,9 +94,9 @@ def test_run_config_defaults_to_builtin_and_random_differs():
     cfg = RunConfig()
     assert cfg.backbone_weights == "builtin"
     assert ModelSpec().backbone_weights == "random"  # library default: any architecture
-    builtin = build_model(cfg.model_spec())
-    again = build_model(cfg.model_spec())
-    random = build_model(cfg.replace(backbone_weights="random").model_spec())
+    builtin = build_model(run_model_spec(cfg))
+    again = build_model(run_model_spec(cfg))
+    random = build_model(run_model_spec(cfg.replace(backbone_weights="random")))
     key = "encoder.blocks.0.attn.qkv.base_layer.weight"
     b, a, r = (dict(m.base_model.model.named_parameters())[key] for m in (builtin, again, random))
     assert torch.equal(b, a)  # server and every site build the identical backbone

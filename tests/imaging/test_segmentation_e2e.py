@@ -31,6 +31,7 @@ from fedadapt.imaging.backbones import build_model, registry_base, trainable_sta
 from fedadapt.imaging.tasks import synthetic_segmentation
 from fedadapt.privacy.audit import audit_ledger
 from fedadapt.privacy.ledger import mechanism, read_entries
+from fedadapt.imaging.run_spec import run_model_spec
 
 SIGMA = 1.2
 
@@ -98,7 +99,7 @@ def test_dice_per_site_and_for_the_federation(run_2d):
 def test_segmentation_model_and_wire(run_2d):
     _, summary = run_2d
     cfg = RunConfig.from_mapping(summary["config"])
-    spec = cfg.model_spec()
+    spec = run_model_spec(cfg)
     assert (spec.task, spec.spatial_dims, spec.backbone) == ("segmentation", 2, "unetr-2d")
     assert summary["config"]["backbone-weights"] == "random"  # UNETR has no shipped weights
     names = summary["wire"]["tensor_names"]
@@ -127,7 +128,7 @@ def test_epsilon_is_opacus_rdp_of_the_round(run_2d):
 
 def test_saved_adapter_loads_onto_the_backbone(run_2d):
     run_dir, summary = run_2d
-    spec = RunConfig.from_mapping(summary["config"]).model_spec()
+    spec = run_model_spec(RunConfig.from_mapping(summary["config"]))
     adapter = run_dir / summary["adapter_dir"]
     loaded = PeftModel.from_pretrained(registry_base(spec), str(adapter)).eval()
     reference = build_model(spec)
@@ -156,7 +157,7 @@ test_size = 4
 shift = { intensity_scale = 0.8, noise_std = 0.1, blur_sigma = 0.5 }
 """)
     cfg, train_metrics, eval_metrics = site_round(tmp_path, tmp_path / "tiny-3d.toml", "a")
-    spec = cfg.model_spec()
+    spec = run_model_spec(cfg)
     assert (spec.spatial_dims, spec.backbone, spec.backbone_weights) == (3, "unetr-3d", "random")
     assert eval_metrics[keys.NUM_EXAMPLES] == 4
     assert 0.0 <= eval_metrics[keys.EVAL_METRICS["dice"]] <= 1.0
@@ -175,7 +176,7 @@ def site_round(tmp_path: Path, scenario: Path, site: str):
     provision_simulated_sites(cfg, tmp_path / "sites", [site])
     context = Context(run_id=1, node_id=1, node_config={keys.NODE_PARTITION_ID: 0},
                       state=RecordDict(), run_config=cfg.to_mapping())
-    sent = ArrayRecord(trainable_state(build_model(cfg.model_spec())))
+    sent = ArrayRecord(trainable_state(build_model(run_model_spec(cfg))))
     train_cfg = ConfigRecord({
         keys.SERVER_ROUND: 1, keys.LOCAL_EPOCHS: 1, keys.LR: 0.05, keys.BATCH_SIZE: 4,
         keys.DP_ENABLED: True, keys.NOISE_MULTIPLIER: SIGMA, keys.MAX_GRAD_NORM: 1.0})
@@ -212,4 +213,4 @@ def test_segmentation_refusals(tmp_path, capsys):
     assert "image_size 24 is not a multiple of UNETR's patch size 16" in capsys.readouterr().err
     # flwr run: the run config must agree with the scenario it names
     with pytest.raises(ValueError, match="num_classes=2 but the run config has .*num-classes=3"):
-        RunConfig(scenario="segmentation-2d", backbone_weights="random").model_spec()
+        run_model_spec(RunConfig(scenario="segmentation-2d", backbone_weights="random"))

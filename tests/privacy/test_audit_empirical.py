@@ -159,15 +159,14 @@ def test_fixed_batch_emulation_swaps_poisson_sampling_out_and_back() -> None:
     import fedadapt.client.train as site_train
     from fedadapt.client.train import train
     from fedadapt.privacy.dp import DPRequest, make_private
-    from fedadapt.privacy.empirical import _fixed_batches
+    from fedadapt.privacy.empirical import fixed_batches
 
     data = torch.utils.data.TensorDataset(torch.randn(40, 1, 16, 16), torch.randint(0, 3, (40,)))
     sizes: list[int] = []
     model = build_model(ModelSpec(image_size=16, backbone_weights="random"))
     model.register_forward_pre_hook(lambda _m, a: sizes.append(len(a[0])))
-    with _fixed_batches():
-        res = train(model, data, epochs=2, lr=0.1, batch_size=16, device=torch.device("cpu"),
-                    seed=0, dp=DPRequest(1.0, 1.0))
+    res = train(model, data, epochs=2, lr=0.1, batch_size=16, device=torch.device("cpu"),
+                seed=0, dp=DPRequest(1.0, 1.0), wiring=fixed_batches)
     assert sizes == [16, 16, 8, 16, 16, 8]  # Poisson sampling would vary the sizes
     assert (res.steps, res.sample_rate) == (6, pytest.approx(1 / 3))
     assert site_train.make_private is make_private

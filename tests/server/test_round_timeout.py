@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Message, RecordDict
 
 from fedadapt.config import ConfigError, RunConfig
-from fedadapt.server.app import _exchange
+from fedadapt.server.exchange import exchange as _exchange
 from fedadapt.server.record import RoundLog
 
 

@@ -18,6 +18,7 @@ from fedadapt.config import RunConfig
 from fedadapt.imaging.backbones import ViTClassifier, build_model, is_adapter_or_head, trainable_state
 from fedadapt.server.record import payload_bytes
 from fedadapt.simulations.runner import simulate
+from fedadapt.imaging.run_spec import run_model_spec
 
 CFG = dict(num_sites=2, num_server_rounds=3, site_train_size=240, site_test_size=96,
            noise_multiplier=0.8, local_epochs=2, lr=0.03, epsilon_cap=100.0)
@@ -42,7 +43,7 @@ def test_accuracy_improves_and_beats_chance(dp_run):
 
 def test_only_adapter_and_head_tensors_on_the_wire(dp_run):
     cfg, _, summary = dp_run
-    model = build_model(cfg.model_spec())
+    model = build_model(run_model_spec(cfg))
     expected = trainable_state(model)
     names = summary["wire"]["tensor_names"]
     assert names == sorted(expected)
@@ -113,7 +114,7 @@ def test_adapter_saved_in_peft_format_and_reloads(dp_run):
     assert (adapter / "adapter_config.json").exists()
     assert (adapter / "adapter_model.safetensors").exists()
     torch.manual_seed(cfg.seed)
-    spec = cfg.model_spec()
+    spec = run_model_spec(cfg)
     reference = build_model(spec)  # the backbone every site rebuilds from the spec
     base = reference.get_base_model()
     fresh = ViTClassifier(spec)

@@ -18,6 +18,7 @@ from fedadapt.client.app import _model
 from fedadapt.client.site import site_from_context
 from fedadapt.config import RunConfig
 from fedadapt.imaging.backbones import build_model, is_adapter_or_head, trainable_state
+from fedadapt.imaging.run_spec import run_model_spec
 from fedadapt.imaging.local import checkpoint_sha256, local_base
 from fedadapt.imaging.weights import CheckpointError
 from fedadapt.simulations.runner import simulate
@@ -44,7 +45,7 @@ def test_one_dp_round_on_a_saved_vit_folder(tmp_path):
     assert all(0 < s["epsilon"] < 100 for s in summary["sites"].values())
     assert summary["rounds"][0]["accuracy"] is not None
     names = summary["wire"]["tensor_names"]
-    assert names == sorted(trainable_state(build_model(cfg.model_spec())))
+    assert names == sorted(trainable_state(build_model(run_model_spec(cfg))))
     assert any("q_proj.lora_A" in n for n in names) and all(is_adapter_or_head(n) for n in names)
     # The final adapter (PEFT format) reloads onto the same local backbone.
     base, _ = local_base(str(folder), num_classes=cfg.num_classes, image_size=cfg.image_size)
@@ -58,7 +59,7 @@ def test_site_refuses_a_checkpoint_that_is_not_the_servers(tmp_path):
     folder = _tiny_vit(tmp_path / "vit")
     cfg = RunConfig(backbone_path=str(folder), num_sites=2)
     site = site_from_context(cfg.to_mapping(), {keys.NODE_PARTITION_ID: 0})
-    arrays = ArrayRecord(trainable_state(build_model(cfg.model_spec())))
+    arrays = ArrayRecord(trainable_state(build_model(run_model_spec(cfg))))
 
     def message(digest: str) -> Message:
         return Message(content=RecordDict({keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord(

@@ -33,6 +33,7 @@ from fedadapt.server.app import run_federation
 from fedadapt.server.checkpoint import load_checkpoint
 from fedadapt.simulations.runner import simulate
 from fedadapt.strategies import wire
+from fedadapt.imaging.run_spec import run_model_spec
 
 STRATEGIES = ("median", "trimmed-mean", "fedprox", "fedadam", "fedyogi")
 WIRE_RUN, WRONG_DTYPE_SITE = "wire-dtype", 1  # bf16 run; partition 1 replies in float32
@@ -102,7 +103,7 @@ def runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def initial(runs):
     """The adapter and head every federation started from (the shared seed)."""
-    return trainable_state(build_model(runs[0].model_spec()))
+    return trainable_state(build_model(run_model_spec(runs[0])))
 
 
 @pytest.mark.parametrize("name", STRATEGIES)

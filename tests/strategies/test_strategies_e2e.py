@@ -6,6 +6,7 @@ from fedadapt.config import RunConfig
 from fedadapt.imaging.backbones import build_model, trainable_state
 from fedadapt.simulations.runner import simulate
 from fedadapt.strategies.lora_math import LORA_A, LORA_B
+from fedadapt.imaging.run_spec import run_model_spec
 
 
 def test_ffa_lora_with_dp_sends_only_b_and_head(tmp_path):
@@ -14,7 +15,7 @@ def test_ffa_lora_with_dp_sends_only_b_and_head(tmp_path):
     run_dir = simulate(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
     names = summary["wire"]["tensor_names"]
-    full = trainable_state(build_model(cfg.model_spec()))
+    full = trainable_state(build_model(run_model_spec(cfg)))
     assert names and not any(LORA_A in n for n in names)
     assert {n for n in full if LORA_A not in n} == set(names)
     assert any(LORA_B in n for n in names)

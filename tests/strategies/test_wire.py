@@ -12,6 +12,7 @@ from fedadapt.imaging.backbones import build_model, trainable_state
 from fedadapt.simulations.runner import simulate
 from fedadapt.strategies import wire
 from fedadapt.strategies.lora_math import LORA_A
+from fedadapt.imaging.run_spec import run_model_spec
 
 
 def _state():
@@ -92,7 +93,7 @@ def bf16_run(tmp_path_factory):
 
 def test_bf16_run_halves_bytes_exactly_and_learns(bf16_run):
     cfg, summary = bf16_run
-    sent = {n: t for n, t in trainable_state(build_model(cfg.model_spec())).items()
+    sent = {n: t for n, t in trainable_state(build_model(run_model_spec(cfg))).items()
             if LORA_A not in n}  # FFA-LoRA: A never travels
     fp32 = sum(t.numel() * 4 for t in sent.values())
     assert summary["wire"]["dtype"] == "bfloat16"
