@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, TensorDataset
 from fedadapt import keys
 from fedadapt.config import RunConfig
 from fedadapt.layout import policy_path
-from fedadapt.privacy.identity import DatasetIdentity, identity_of
+from fedadapt.identity import DatasetIdentity, identity_of
 from fedadapt.privacy.policy import SitePolicy, write_policy
 from fedadapt.privacy.record_budget import RecordBudget
 from fedadapt.privacy.site_budget import open_site_budget
@@ -52,13 +52,13 @@ def dataset_budgets(folder: Path, site: str, datasets: Iterable[Dataset]
                     ) -> list[RecordBudget]:
     """The per-record budget of each declared dataset a round draws records from.
 
-    Each dataset must carry its record identity (``privacy.identity``; the datasets of
+    Each dataset must carry its record identity (``fedadapt.identity``; the datasets of
     ``Site.datasets`` do); two datasets declaring one dataset id are charged as one (the
     union of their records). A round is then allowed only if it fits the cap for every
     record it may touch, composed over every ledger of the site.
 
     Raises:
-        privacy.identity.IdentityError: If a dataset has no identity (fail closed).
+        fedadapt.identity.IdentityError: If a dataset has no identity (fail closed).
     """
     merged: dict[str, tuple[DatasetIdentity, int]] = {}
     for d in datasets:

@@ -28,7 +28,7 @@ from fedadapt.imaging.datalist import ImageSpec, datalist_identity, load_split
 from fedadapt.imaging.medmnist import load_medmnist, medmnist_identity
 from fedadapt.imaging.synthetic import ScannerShift, SiteSpec, default_sites, make_site_data
 from fedadapt.imaging.scenario import Scenario, load_scenario, site_data
-from fedadapt.privacy.identity import DatasetIdentity, attach, synthetic_identity
+from fedadapt.identity import DatasetIdentity, attach, synthetic_identity
 from fedadapt.strategies.factory import freezes_lora_a
 from fedadapt.imaging.run_spec import run_model_spec, run_task
 
@@ -162,7 +162,7 @@ class Site:
         else from its scenario (files or generated), else, in a continual scenario, its
         data in phase ``phase``'s domain, else generated locally and deterministically.
 
-        The training set carries its record identity (``privacy.identity``), which its
+        The training set carries its record identity (``fedadapt.identity``), which its
         privacy budget is kept under."""
         if self.config is not None and not self.config.synthetic:
             return self._files()

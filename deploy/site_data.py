@@ -13,7 +13,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedadapt.deploy.site_config import POLICY_TOML, SiteConfig, SiteConfigError
+from fedadapt.deploy.site_config import SiteConfig, SiteConfigError
+from fedadapt.layout import POLICY_TOML
 from fedadapt.imaging.datacheck import DataReport, check_datalist
 from fedadapt.imaging.datalist import DataError, ImageSpec
 

@@ -67,7 +67,7 @@ def simulated_fingerprints(summary: Mapping, sites_dir: Path) -> dict[str, str]:
     from fedadapt.client.budget import dataset_fingerprint
     from fedadapt.client.site import site_from_context
     from fedadapt.config import RunConfig
-    from fedadapt.deploy.site_config import SITE_TOML
+    from fedadapt.layout import SITE_TOML
 
     cfg = RunConfig.from_mapping(summary["config"])
     if cfg.is_continual:

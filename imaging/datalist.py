@@ -27,7 +27,7 @@ from monai.transforms import (EnsureChannelFirst, LoadImage, NormalizeIntensity,
                               ScaleIntensity, Spacing)
 from torch.utils.data import TensorDataset
 
-from fedadapt.privacy.identity import DatasetIdentity, source_record_id
+from fedadapt.identity import DatasetIdentity, source_record_id
 
 SPLITS = ("training", "validation", "test")
 TASKS = ("classification", "multilabel", "segmentation")
@@ -111,7 +111,7 @@ def read_datalist(path: str | Path) -> dict[str, list[dict[str, Any]]]:
 
 def datalist_identity(datalist: str | Path, split: str, *,
                       dataset_id: str | None = None) -> DatasetIdentity:
-    """The record identity of one split of a datalist (``privacy.identity``).
+    """The record identity of one split of a datalist (``fedadapt.identity``).
 
     The dataset id is ``dataset_id`` (the site's ``site.toml``), else the datalist's
     top-level ``"dataset_id"``, else ``datalist:<file name>``. Record ``i`` is the entry's

@@ -16,7 +16,7 @@ from monai.transforms import Resize
 from torch.utils.data import TensorDataset
 
 from fedadapt.imaging.datalist import DataError, ImageSpec
-from fedadapt.privacy.identity import DatasetIdentity, array_record_id
+from fedadapt.identity import DatasetIdentity, array_record_id
 
 MEDMNIST_SPLITS = ("train", "val", "test")
 
@@ -61,7 +61,7 @@ def load_medmnist(path: str | Path, split: str, spec: ImageSpec) -> TensorDatase
 
 
 def medmnist_identity(path: str | Path, split: str, *, dataset_id: str) -> DatasetIdentity:
-    """The record identity of one split of a MedMNIST npz (``privacy.identity``): record
+    """The record identity of one split of a MedMNIST npz (``fedadapt.identity``): record
     ``i`` is the sha256 of its raw image array as stored in the file (before resizing or
     scaling), so preprocessing and order leave it unchanged.
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from fedadapt.privacy.identity import manifest_bytes, manifest_digest
+from fedadapt.identity import manifest_bytes, manifest_digest
 from fedadapt.privacy.ledger import LedgerError
 
 MANIFEST_DIR = "manifests"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fedadapt.privacy.accounting import Mechanism
 from fedadapt.privacy.guard import Decision, TrainRequest, check_groups
-from fedadapt.privacy.identity import DatasetIdentity
+from fedadapt.identity import DatasetIdentity
 from fedadapt.privacy.ledger import FORMAT, Ledger, locked, read_entries, write_entry
 from fedadapt.privacy.manifests import ManifestStore
 from fedadapt.privacy.policy import SitePolicy

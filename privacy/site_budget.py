@@ -1,7 +1,7 @@
 """A site's budget: its policy, its ledger and the guard, in one place for the ClientApp.
 
 Layout at the site: ``<site_dir>/policy.toml`` and ``<site_dir>/ledger/``. Given a
-dataset identity (:class:`~fedadapt.privacy.identity.DatasetIdentity`), the budget is
+dataset identity (:class:`~fedadapt.identity.DatasetIdentity`), the budget is
 kept per record in the dataset's format-2 ledger (``privacy.record_budget``); without one
 it is the format-1 ledger ``<site>-<fp>.jsonl`` keyed by a fingerprint (older callers).
 Opening fails closed: a missing/invalid policy or any corrupt ledger or manifest raises.
@@ -15,7 +15,7 @@ from pathlib import Path
 from fedadapt.privacy.accounting import Mechanism, epsilon
 from fedadapt.privacy.guard import Decision, TrainRequest, check
 from fedadapt.layout import ledger_dir, policy_path
-from fedadapt.privacy.identity import DatasetIdentity
+from fedadapt.identity import DatasetIdentity
 from fedadapt.privacy.ledger import Ledger, ledger_path
 from fedadapt.privacy.policy import SitePolicy, load_policy
 from fedadapt.privacy.record_budget import BudgetExceeded, RecordBudget, dataset_ledger_path

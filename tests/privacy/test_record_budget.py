@@ -16,7 +16,7 @@ from fedadapt.deploy.site_config import SiteConfig, load_site_config, write_site
 from fedadapt.imaging.datalist import DataError, datalist_identity
 from fedadapt.privacy.audit import audit_ledger
 from fedadapt.privacy.guard import TrainRequest, check
-from fedadapt.privacy.identity import DatasetIdentity, IdentityError, identity_of
+from fedadapt.identity import DatasetIdentity, IdentityError, identity_of
 from fedadapt.privacy.ledger import LedgerError, fingerprint, read_entries
 from fedadapt.privacy.policy import SitePolicy, write_policy
 from fedadapt.privacy.site_budget import open_site_budget

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fedadapt.privacy.audit import audit_ledger
 from fedadapt.privacy.guard import TrainRequest
-from fedadapt.privacy.identity import DatasetIdentity
+from fedadapt.identity import DatasetIdentity
 from fedadapt.privacy.policy import SitePolicy, write_policy
 from fedadapt.privacy.site_budget import BudgetExceeded, open_site_budget
 from tests.privacy.records_oracle import ledger_mechanisms_per_record, rdp_epsilon

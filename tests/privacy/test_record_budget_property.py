@@ -25,7 +25,7 @@ from torch.utils.data import TensorDataset
 from fedadapt.client.budget import dataset_budgets, planned_round
 from fedadapt.imaging.datalist import ImageSpec, datalist_identity, load_split
 from fedadapt.privacy.guard import TrainRequest
-from fedadapt.privacy.identity import attach
+from fedadapt.identity import attach
 from fedadapt.privacy.policy import SitePolicy, write_policy
 from fedadapt.privacy.site_budget import BudgetExceeded
 from tests.privacy.records_oracle import ledger_mechanisms_per_record, rdp_epsilon
