@@ -15,7 +15,6 @@ import tomllib
 from typing import Any
 
 from fedadapt import atomic
-from fedadapt.client.empirical import for_site, run_audit
 from fedadapt.config import RunConfig
 from fedadapt.privacy.canaries import CANARY_TYPES
 from fedadapt.privacy.empirical import BROKEN, STATEMENT, AuditConfig, AuditResult
@@ -90,6 +89,8 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
     audit: dict[str, Any] = {k: getattr(args, k) for k in
                              ("partition_id", "canary", "canaries", "guesses", "canary_scale",
                               "confidence", "broken") if getattr(args, k) is not None}
+    from fedadapt.client.empirical import for_site  # torch/MONAI only when it runs
+
     return for_site(run, site_dir=args.site_dir, **audit)
 
 
@@ -160,6 +161,8 @@ def run_empirical(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    from fedadapt.client.empirical import run_audit
+
     result = run_audit(cfg)
     if args.plot:
         write_plot(result, args.plot)

@@ -10,7 +10,6 @@ from pathlib import Path
 from fedadapt.argtypes import nonneg_float, positive_int
 from fedadapt.config import (CONTINUAL_METHODS, CONTINUAL_SCENARIOS, DEVICES, ConfigError,
                              RunConfig)
-from fedadapt.imaging.run_spec import run_model_spec
 from fedadapt.layout import ADAPTER_DIR, SUMMARY_JSON
 from fedadapt.names import STRATEGIES, WIRE_DTYPES
 
@@ -137,6 +136,8 @@ def _with_scenario(cfg: RunConfig, name_or_path: str, *,
     cfg = cfg.replace(scenario=ref, num_sites=len(sc.sites), image_size=sc.image_size,
                       num_classes=sc.num_classes, seed=sc.seed, backbone_weights=weights)
     try:
+        from fedadapt.imaging.run_spec import run_model_spec  # MONAI only when it runs
+
         run_model_spec(cfg)
     except ValueError as e:
         raise ConfigError(f"--scenario {name_or_path!r}: {e}") from e
@@ -222,6 +223,8 @@ def _simulate(args: argparse.Namespace) -> int:
         cfg = _resumed(cfg, args.resume)
     if cfg.backbone_path:
         try:
+            from fedadapt.imaging.run_spec import run_model_spec
+
             run_model_spec(cfg)
         except ValueError as e:
             raise ConfigError(f"--backbone: {e}") from e

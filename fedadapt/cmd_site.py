@@ -10,7 +10,6 @@ from pathlib import Path
 from fedadapt.deploy.commands import (ISOLATIONS, SUPERNODE_PORT, SuperNodeOptions, shell_line,
                              supernode_command)
 from fedadapt.deploy.site_config import ImageReading, SiteConfig
-from fedadapt.deploy.site_data import DataExpectation, check_site_data
 from fedadapt.deploy.site_folder import check_site, init_site
 from fedadapt.config import DEVICES
 
@@ -115,6 +114,8 @@ def _init(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     cfg = check_site(args.dir)
+    from fedadapt.deploy.site_data import DataExpectation, check_site_data  # reads images
+
     expect = DataExpectation(task=args.task, spatial_dims=args.spatial_dims,
                              image_size=args.image_size, num_classes=args.num_classes)
     report = check_site_data(args.dir, cfg, expect)

@@ -39,7 +39,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedadapt.imaging.backbones import ModelSpec, ViTClassifier, public_reference_images
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the model is imaging's; imported where used (the CLI stays light)
+    from fedadapt.imaging.backbones import ModelSpec
 
 CANARY_TYPES = ("dirac", "input")
 MARK = 1.0e6
@@ -116,6 +119,8 @@ def public_feature_basis(model: nn.Module, spec: ModelSpec) -> tuple[torch.Tenso
     was_training = vit.training
     vit.eval()
     with torch.no_grad():
+        from fedadapt.imaging.backbones import public_reference_images
+
         ref = public_reference_images(spec.image_size)
         z = (vit.features(ref) - vit.feature_mean) / vit.feature_std  # (n, h)
         var, basis = torch.linalg.eigh((z.T @ z / len(z)).double())
@@ -169,6 +174,8 @@ def make_canaries(kind: str, m: int, spec: ModelSpec, *, norm: float, seed: int,
 
 def _head_owner(model: nn.Module) -> nn.Module:
     """The ``ViTClassifier`` inside a PEFT model (features, standardisation, head)."""
+    from fedadapt.imaging.backbones import ViTClassifier
+
     found = [mod for mod in model.modules() if isinstance(mod, ViTClassifier)]
     if len(found) != 1:
         raise ValueError("the model holds no single ViTClassifier; Dirac canaries need a "
