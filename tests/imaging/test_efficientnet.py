@@ -4,13 +4,13 @@ and the head equal per-example autograd."""
 
 import pytest
 import torch
-from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 from torch import nn
 
 from fedadapt.imaging import efficientnet as effnet
 from fedadapt.imaging.backbones import ModelSpec, build_model, trainable_state
 from fedadapt.imaging.registry import attach_peft, build_backbone, check_dp
+from tests.grad_check import assert_grad_samples_match_autograd, randomise_lora_b
 
 
 def test_loaded_weights_are_the_wheels_tensors():
@@ -57,27 +57,8 @@ def test_opacus_accepts_it_and_per_sample_grads_match_autograd():
     names = set(trainable_state(model))
     assert names and all("lora_" in n or "classifier.modules_to_save" in n for n in names)
     assert any("_conv_head.lora_A" in n for n in names)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    randomise_lora_b(model)
     x, y = torch.rand(3, 1, 32, 32), torch.tensor([0, 1, 2])
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    expected = []
-    for i in range(3):
-        model.zero_grad()
-        loss_fn(model(x[i:i + 1]), y[i:i + 1]).backward()
-        expected.append({n: p.grad.clone() for n, p in model.named_parameters()
-                         if p.requires_grad})
-    gsm = GradSampleModule(model, loss_reduction="sum")
-    gsm.zero_grad()
-    model.train()  # frozen BatchNorm: training mode changes nothing
-    loss_fn(gsm(x), y).backward()
-    checked = 0
-    for n, p in gsm._module.named_parameters():
-        if p.requires_grad:
-            for i in range(3):
-                torch.testing.assert_close(p.grad_sample[i], expected[i][n], rtol=1e-4,
-                                           atol=1e-6)
-            checked += 1
-    assert checked == len(names)
+    # train mode after the per-example pass: frozen BatchNorm changes nothing in it
+    checked = assert_grad_samples_match_autograd(model, x, y, train_mode=True)
+    assert len(checked) == len(names)
