@@ -7,8 +7,9 @@ Registered under ``hooks:`` in ``mkdocs.yml``. It
   documented meaning, or a documented name that is no field, fails the build;
 * generates ``reference/cli.md`` from the argparse parser of :mod:`fedadapt.cli` (the
   ``--help`` of every command, subcommand and sub-subcommand);
-* renders ``fedadapt.server.summary.summary_schema`` into ``reference/summary-json.md``
-  when that module exists (else the hand-written page stays);
+* renders ``fedadapt.server.summary.summary_schema()`` (``(dotted field, type, doc)``
+  rows) as a Markdown table into ``reference/summary-json.md``, at the page's
+  ``<!-- summary-schema -->`` marker (the hand-written detail around it stays);
 * adds the repository's root documents (``ARCHITECTURE.md``, ``CONTRIBUTING.md``,
   ``BENCHMARKS.md`` with its figures) to the site, with their links rewritten;
 * warns (so ``mkdocs build --strict`` fails) on a stale code reference in a hand-written
@@ -274,7 +275,42 @@ def _slug(name: str) -> str:
 # ------------------------------------------------------------------ summary.json
 
 
+SUMMARY_MARKER = "<!-- summary-schema -->"
+
+
+def _md_cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_code(text: str) -> str:
+    """``text`` as inline code inside a Markdown table cell (a ``|`` would end the cell)."""
+    return " \\| ".join(f"`{part.strip()}`" for part in text.split("|"))
+
+
+def summary_table(rows: list[tuple[str, str, str]]) -> str:
+    """The ``summary.json`` schema, ``(dotted field, type, doc)`` rows, as a Markdown table.
+
+    Raises:
+        PluginError: If a row is not a ``(field, type, doc)`` triple of strings or a field
+            has no doc.
+    """
+    out = ["| field | type | meaning |", "| --- | --- | --- |"]
+    for row in rows:
+        if not (isinstance(row, (tuple, list)) and len(row) == 3
+                and all(isinstance(x, str) for x in row)):
+            raise PluginError("fedadapt.server.summary.summary_schema() must return "
+                              f"(field, type, doc) string triples; found {row!r}")
+        name, typ, doc = row
+        if not doc.strip():
+            raise PluginError(f"summary.json field {name!r} has no doc: give it one "
+                              "(metadata['doc']) in server/summary.py")
+        out.append(f"| `{name}` | {_md_code(typ)} | {_md_cell(doc)} |")
+    return "\n".join(out)
+
+
 def _summary_page(markdown: str) -> str:
+    """The hand page with the generated schema table at its marker (or after its title)."""
     try:
         mod = importlib.import_module("fedadapt.server.summary")
     except ModuleNotFoundError as e:
@@ -288,10 +324,16 @@ def _summary_page(markdown: str) -> str:
     if isinstance(value, str):
         body = value
     else:
-        body = "```json\n" + json.dumps(value, indent=2, default=str) + "\n```"
-    title = markdown.splitlines()[0] if markdown.startswith("# ") else "# summary.json"
-    return (f"{title}\n\nGenerated at build time from `fedadapt.server.summary.summary_schema`."
-            f"\n\n{body}\n")
+        body = ("Generated at build time from "
+                "`fedadapt.server.summary.summary_schema()` (the fields of "
+                "`fedadapt.server.summary.Summary` and its sections, with their docs):\n\n"
+                + summary_table(list(value)))
+    if SUMMARY_MARKER in markdown:
+        return markdown.replace(SUMMARY_MARKER, body, 1)
+    title, sep, rest = markdown.partition("\n")
+    if not title.startswith("# "):
+        title, rest = "# summary.json", markdown
+    return f"{title}\n\n{body}\n\n{rest.lstrip()}"
 
 
 # ------------------------------------------------------------ root documents, links
