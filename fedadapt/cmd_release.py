@@ -60,27 +60,32 @@ def _verify_parser() -> argparse.ArgumentParser:
     return p
 
 
-def simulated_fingerprints(summary: Mapping, sites_dir: Path) -> dict[str, str]:
-    """Full data fingerprints of the run's *simulated* sites, regenerated from the run
-    config (their data is deterministic by seed); deployed and continual sites are left
-    out (their data is at the site, or one site has several datasets)."""
+def simulated_fingerprints(summary: Mapping, sites_dir: Path
+                           ) -> tuple[dict[str, str], dict[str, str]]:
+    """Full data fingerprints and declared dataset ids of the run's *simulated* sites,
+    regenerated from the run config (their data is deterministic by seed); deployed and
+    continual sites are left out (their data is at the site, or one site has several
+    datasets)."""
     from fedadapt.client.budget import dataset_fingerprint
+    from fedadapt.identity import identity_of
     from fedadapt.client.site import site_from_context
     from fedadapt.config import RunConfig
     from fedadapt.layout import SITE_TOML
 
     cfg = RunConfig.from_mapping(summary["config"])
     if cfg.is_continual:
-        return {}
-    out = {}
+        return {}, {}
+    out, ids = {}, {}
     for name, info in summary["sites"].items():
         if (sites_dir / name / SITE_TOML).is_file() or "partition_id" not in info:
             continue
         site = site_from_context(summary["config"], {keys.NODE_PARTITION_ID: info["partition_id"],
                                                      keys.NODE_NUM_PARTITIONS: cfg.num_sites})
         if site.name == name:
-            out[name] = dataset_fingerprint(site.datasets()[0])
-    return out
+            train = site.datasets()[0]
+            out[name] = dataset_fingerprint(train)
+            ids[name] = identity_of(train).dataset_id
+    return out, ids
 
 
 def _build(argv: list[str]) -> int:
@@ -95,8 +100,9 @@ def _build(argv: list[str]) -> int:
     if not Path(args.key).exists():
         generate_key(args.key)
         print(f"fedadapt release: generated signing key {args.key} (public: {args.key}.pub)")
+    fingerprints, dataset_ids = simulated_fingerprints(summary, sites_dir)
     out = build_release(args.run_dir, args.out, key_path=args.key, sites_dir=sites_dir,
-                        fingerprints=simulated_fingerprints(summary, sites_dir))
+                        fingerprints=fingerprints, dataset_ids=dataset_ids)
     print(f"fedadapt release: wrote {out} (model card, adapter, provenance.json, "
           f"provenance.sig); check it with `fedadapt release verify {out} --public-key "
           f"{args.key}.pub --ledgers {sites_dir}`")

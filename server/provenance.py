@@ -109,13 +109,16 @@ class LedgerHead:
     how many entries it held, ε recomputed from them and the hash of the last one.
 
     Attributes:
-        file: The ledger's file name, ``<site>-<fingerprint[:16]>.jsonl``.
-        data_fingerprint_prefix: The first 16 hex digits of the dataset's sha256.
+        file: The ledger's file name: ``<site>-<fingerprint[:16]>.jsonl`` (format 1) or
+            ``<site>-ds-<sha256(dataset id)[:16]>.jsonl`` (format 2, per-record budgets).
+        data_fingerprint_prefix: Format 1: the first 16 hex digits of the training
+            tensors' sha256 (the file name's); '' for a format-2 ledger.
         entries: Entries at release.
         epsilon: ε recomputed from the entries' mechanisms.
         delta: δ of the entries.
         accountant: Accountant of the entries.
         head_sha256: sha256 of the canonical JSON of the last entry.
+        dataset_id: Format 2: the site-declared dataset id the entries charge; ''.
     """
 
     file: str
@@ -125,6 +128,7 @@ class LedgerHead:
     delta: float
     accountant: str
     head_sha256: str
+    dataset_id: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,6 +157,8 @@ def ledger_head(path: Path, site: str, *, upto: int | None = None) -> LedgerHead
     kept = entries[:n]
     eps = epsilon([mechanism(e) for e in kept], delta=float(kept[0]["delta"]),
                   accountant=str(kept[0]["accountant"]))
-    prefix = path.stem[len(site) + 1:] if path.stem.startswith(site + "-") else ""
+    dataset_id = str(kept[-1].get("dataset_id", ""))
+    prefix = (path.stem[len(site) + 1:] if path.stem.startswith(site + "-") and not dataset_id
+              else "")
     return LedgerHead(path.name, prefix, n, eps, float(kept[0]["delta"]),
-                      str(kept[0]["accountant"]), entry_hash(kept[-1]))
+                      str(kept[0]["accountant"]), entry_hash(kept[-1]), dataset_id)

@@ -77,7 +77,8 @@ def _load_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def site_records(summary: Mapping[str, Any], sites_dir: Path, *, dp: bool,
-                 fingerprints: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+                 fingerprints: Mapping[str, str] | None = None,
+                 dataset_ids: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Per site: record count, data fingerprint and each ledger's head, audited.
 
     Args:
@@ -86,6 +87,9 @@ def site_records(summary: Mapping[str, Any], sites_dir: Path, *, dp: bool,
         dp: Whether the run trained under DP (then a site that trained needs a ledger).
         fingerprints: Full dataset fingerprints by site, where the releaser can recompute
             them (simulated sites); else only the ledgers' 16-digit prefixes are known.
+        dataset_ids: The sites' declared dataset ids, where the releaser can recompute
+            them: a format-2 ledger (per-record budget) is named by it, not by the
+            fingerprint.
 
     Raises:
         ProvenanceError: If a site that trained under DP has no ledger, a ledger fails its
@@ -101,13 +105,19 @@ def site_records(summary: Mapping[str, Any], sites_dir: Path, *, dp: bool,
                 "holds the sites' ledgers (a deployed site's ledger stays at the site)")
         heads = [ledger_head(p, site).to_dict() for p in paths]
         full = (fingerprints or {}).get(site)
-        if full and heads and not any(h["data_fingerprint_prefix"] == full[:16] for h in heads):
-            raise ProvenanceError(f"site {site!r}: its data fingerprint {full[:16]}... names "
-                                  f"none of its ledgers {[h['file'] for h in heads]}")
+        declared = (dataset_ids or {}).get(site)
+        if full and heads and not any(h["data_fingerprint_prefix"] == full[:16]
+                                      or (declared and h["dataset_id"] == declared)
+                                      for h in heads):
+            raise ProvenanceError(f"site {site!r}: neither its data fingerprint {full[:16]}... "
+                                  f"nor its dataset id {declared!r} names any of its ledgers "
+                                  f"{[h['file'] for h in heads]}")
         out[site] = {"num_train": info.get("num_train"), "num_test": info.get("num_test"),
                      "data_fingerprint": full or (heads[0]["data_fingerprint_prefix"]
                                                   if len(heads) == 1 else None),
                      "data_fingerprint_source": "recomputed" if full else "ledger-name-prefix",
+                     "dataset_id": declared or next((h["dataset_id"] for h in heads
+                                                     if h["dataset_id"]), None),
                      "summary_epsilon": info.get("epsilon"), "ledgers": heads}
     return out
 
@@ -132,7 +142,8 @@ def build_manifest(run_dir: Path, summary: Mapping[str, Any], sites: Mapping[str
 
 def build_release(run_dir: str | Path, out: str | Path, *, key_path: str | Path,
                   sites_dir: str | Path | None = None,
-                  fingerprints: Mapping[str, str] | None = None) -> Path:
+                  fingerprints: Mapping[str, str] | None = None,
+                  dataset_ids: Mapping[str, str] | None = None) -> Path:
     """Write a signed release bundle of ``run_dir`` into the new folder ``out``.
 
     Args:
@@ -141,6 +152,7 @@ def build_release(run_dir: str | Path, out: str | Path, *, key_path: str | Path,
         key_path: Ed25519 private key PEM (``server.signing.generate_key``).
         sites_dir: Where the sites' ledgers are; default the run config's ``sites-dir``.
         fingerprints: Full data fingerprints by site, if recomputable.
+        dataset_ids: Declared dataset ids by site, if recomputable.
 
     Returns:
         ``out``.
@@ -161,7 +173,8 @@ def build_release(run_dir: str | Path, out: str | Path, *, key_path: str | Path,
     key = load_private_key(key_path)  # before anything is written
     cfg = RunConfig.from_mapping(summary["config"])
     sites_root = Path(sites_dir) if sites_dir else Path(cfg.sites_dir or run_dir / "sites")
-    sites = site_records(summary, sites_root, dp=cfg.dp, fingerprints=fingerprints)
+    sites = site_records(summary, sites_root, dp=cfg.dp, fingerprints=fingerprints,
+                         dataset_ids=dataset_ids)
     manifest = build_manifest(run_dir, summary, sites, adapter)
     (out / "adapter").mkdir(parents=True, exist_ok=True)
     for name in ADAPTER_FILES:

@@ -99,7 +99,7 @@ def test_stale_references_are_caught():
     problems = _hook().stale_references(
         "`tests/test_deployment.py` `server.app:app` `fedimaging/datalist.py` "
         "`fedadapt.client.no_such_module` `client.train.train` "
-        "`fedadapt.config.RunConfig.model_spec()` `server/app.py` `simulations/scenarios/*.toml` "
+        "`fedadapt.imaging.run_spec.run_model_spec` `server/app.py` `simulations/scenarios/*.toml` "
         "`report.html` `privacy.site_level.unit`")
     flagged = {p.split("`")[1] for p in problems}
     assert flagged == {"tests/test_deployment.py", "server.app:app", "fedimaging/datalist.py",

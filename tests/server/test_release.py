@@ -17,6 +17,7 @@ from fedadapt.config import RunConfig
 from fedadapt.imaging.backbones import ModelSpec
 from fedadapt.privacy.accounting import epsilon
 from fedadapt.privacy.ledger import canonical, entry_hash
+from fedadapt.privacy.record_budget import dataset_ledger_path
 from fedadapt.server.provenance import wilson_interval
 from fedadapt.server.release import MANIFEST, SIGNATURE, build_release, released_base
 from fedadapt.server.release_verify import verify_release
@@ -78,7 +79,9 @@ def test_release_verifies_and_records_provenance(released, capsys):
         assert head["head_sha256"] == entry_hash(last)
         assert head["epsilon"] == pytest.approx(info["epsilon"], rel=1e-9)
         assert rec["num_train"] == info["num_train"] and rec["data_fingerprint_source"] == "recomputed"
-        assert rec["data_fingerprint"][:16] == head["data_fingerprint_prefix"]
+        # per-record budgets (format 2): the ledger is named by the declared dataset id
+        assert head["dataset_id"] and rec["dataset_id"] == head["dataset_id"]
+        assert head["file"] == dataset_ledger_path(ledger.parent, site, head["dataset_id"]).name
     card = ModelCard.load(bundle / "README.md")
     assert card.data.library_name == "peft" and card.data.base_model
     results = {r.dataset_name: r for r in card.data.eval_results}
