@@ -146,14 +146,21 @@ def test_altered_last_ledger_entry_is_named(released, tmp_path, capsys):
 
 
 def test_ledger_grown_after_release_still_verifies(released, tmp_path):
-    from fedadapt.privacy.ledger import Ledger
+    from fedadapt.privacy.accounting import Mechanism
+    from fedadapt.privacy.ledger import locked, mechanism, read_entries, write_entry
 
     bundle, sites, key = _copy(released, tmp_path)
     (path,) = (sites / "hospital-a" / "ledger").glob("*.jsonl")
-    first = json.loads(path.read_text().splitlines()[0])
-    Ledger(path).append(run_id="later", round=1, noise_multiplier=1.0, sample_rate=0.5, steps=2,
-                        clip_norm=1.0, delta=first["delta"], accountant=first["accountant"],
-                        epsilon=lambda hist: epsilon(hist, delta=first["delta"]))
+    with locked(path):  # a later round of the same records, as the site's budget writes it
+        existing = read_entries(path)
+        last = existing[-1]
+        history = [*(mechanism(e) for e in existing), Mechanism(1.0, 0.5, 2)]
+        write_entry(path, existing, {
+            **{k: last[k] for k in ("v", "dataset_id", "manifest", "n_records", "delta",
+                                    "accountant", "clip_norm")},
+            "run_id": "later", "round": 1, "noise_multiplier": 1.0, "sample_rate": 0.5,
+            "steps": 2, "seq": last["seq"] + 1,
+            "epsilon": epsilon(history, delta=last["delta"])})
     report = verify_release(bundle, ledgers=[sites], public_key=f"{key}.pub", rebuild_base=False)
     assert report.ok, report.problems
 
