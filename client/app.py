@@ -16,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from fedadapt.client import runtime
 from fedadapt.client.budget import dataset_budgets, site_dir
 from fedadapt.client.continual import ContinualRound, dp_diagonal_fisher, end_round, plan, rehearsal
 from fedadapt.client.memory import SiteMemory, memory_folder
@@ -50,12 +51,14 @@ def _received(msg: Message) -> dict:
     return wire.decode(msg.content[keys.ARRAYS])
 
 
-def _model(site: Site, msg: Message, *, personal: bool = True):
+def _model(site: Site, msg: Message, *, personal: bool = True, fresh: bool = False):
+    """The shared model with the received tensors (and the site's personal ones) loaded:
+    the process's kept one (``client.runtime``), or a new one with ``fresh``."""
     spec = site.model_spec()
     config = EvaluateConfig.from_message(msg)
     if spec.backbone_path:  # the same checkpoint as the server's, or no training at all
         check_digest(spec.backbone_path, config.backbone_sha256, site=site.name)
-    model = build_model(spec)
+    model = build_model(spec) if fresh else runtime.model_for(spec)
     if config.freeze_lora_a:  # FFA-LoRA: A is not trained
         freeze_lora_a(model)
     received = _received(msg)
@@ -87,7 +90,7 @@ def _idle(msg: Message, site: Site) -> Message:
 
 def _teacher(site: Site, msg: Message, anchor: dict):
     """LwF's frozen previous-phase model: the backbone with the anchor's tensors."""
-    teacher = _model(site, msg)
+    teacher = _model(site, msg, fresh=True)  # beside the student, not the kept model
     with torch.no_grad():
         for name, p in teacher.named_parameters():
             if name in anchor:

@@ -158,6 +158,13 @@ class Site:
                                  self.run.rounds_per_phase)
 
     def datasets(self, phase: int = 0) -> tuple[TensorDataset, TensorDataset]:
+        """``(train, test)`` for this site (see :meth:`load_datasets`), loaded once per
+        process and phase and then kept (``client.runtime``)."""
+        from fedadapt.client import runtime
+
+        return runtime.datasets_for((repr(self), phase), lambda: self.load_datasets(phase))
+
+    def load_datasets(self, phase: int = 0) -> tuple[TensorDataset, TensorDataset]:
         """``(train, test)`` for this site: a deployed site's files (datalist or MedMNIST),
         else from its scenario (files or generated), else, in a continual scenario, its
         data in phase ``phase``'s domain, else generated locally and deterministically.
