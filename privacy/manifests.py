@@ -11,11 +11,11 @@ against their name when read: a missing, altered or unreadable manifest is an er
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from fedadapt import atomic
 from fedadapt.identity import manifest_bytes, manifest_digest
 from fedadapt.privacy.ledger import LedgerError
 
@@ -44,20 +44,7 @@ class ManifestStore:
         target = self.path(digest)
         if target.is_file() and target.read_bytes() == data:
             return digest
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{digest}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-        fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        atomic.write_bytes(target, data, mode=0o644)
         return digest
 
     def get(self, digest: str) -> frozenset[str]:
