@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft.utils import ModulesToSaveWrapper
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
@@ -165,12 +165,20 @@ def _reference_path(site_dir: Path | None, run_key: str) -> Path:
 
 
 def load_reference(path: Path) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """``(images, embeddings, round built)`` kept at ``path``, or None before the first."""
+    """``(images, embeddings, round built)`` kept at ``path``, or None before the first.
+
+    Raises:
+        ValueError: If the file is unreadable or not one :func:`save_reference` wrote.
+    """
     if not path.is_file():
         return None
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"drift reference {path} is unreadable ({err}); move it away to "
+                         "rebuild it in the next round") from err
     if {"images", "embeddings"} - set(tensors) or "round" not in meta:
         raise ValueError(f"drift reference {path} is not one this monitor wrote (needs "
                          f"'images', 'embeddings' and a 'round'); move it away to rebuild it")
