@@ -250,6 +250,15 @@ class RunConfig:
         if self.backbone_path:
             need(self.backbone_weights in ("builtin", "random"), "backbone-weights",
                  "left at its default with 'backbone-path' (the weights are the checkpoint's)")
+        self._check_drift(need)
+        if self.dp and self.noise_multiplier == 0:
+            errors.append("'noise-multiplier' is 0 while 'dp' is on: that is no privacy at all; "
+                          "set a positive noise multiplier or turn DP off explicitly (--no-dp)")
+        if errors:
+            raise ConfigError("invalid run config:\n  " + "\n  ".join(errors))
+
+    def _check_drift(self, need: Any) -> None:
+        """The ``drift-*`` keys (``need(ok, key, expected)`` collects an error)."""
         need(0 < self.drift_alpha < 1, "drift-alpha", "a number in (0, 1)")
         need(8 <= self.drift_window <= 4096, "drift-window", "an integer in 8..4096")
         need(self.drift_shift_gain > 0, "drift-shift-gain", "a positive number")
@@ -259,11 +268,6 @@ class RunConfig:
                  "'SITE:ROUND' (a site name or partition index, a round >= 1), or empty")
             need(self.drift_monitor, "drift-shift",
                  "empty unless 'drift-monitor' is true (a shift nothing watches)")
-        if self.dp and self.noise_multiplier == 0:
-            errors.append("'noise-multiplier' is 0 while 'dp' is on: that is no privacy at all; "
-                          "set a positive noise multiplier or turn DP off explicitly (--no-dp)")
-        if errors:
-            raise ConfigError("invalid run config:\n  " + "\n  ".join(errors))
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "RunConfig":
