@@ -201,7 +201,8 @@ def plot_drift(summary: dict[str, Any], out: Path) -> dict[str, Path]:
             if e.get("alert"):
                 ax.axvline(e["round"], color="red", alpha=0.25, lw=6)
         ax.set_yscale("log")
-        ax.set(title=f"Drift at {site} (shaded: alert)", xlabel="round", ylabel="p-value",
+        ax.set(title=f"Drift at {site} (shaded: alert)", xlabel="round",
+               ylabel="p-value (floored at 1e-4)",
                ylim=(1e-4 / 2, 1.5))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)

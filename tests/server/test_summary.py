@@ -54,3 +54,20 @@ def test_drift_section_lists_each_sites_rounds_and_alerts() -> None:
     rows = [r[0] for r in summary_schema()]
     assert {"drift.alpha", "drift.sites", "drift.alerts"} <= set(rows)
     assert _summary().to_json()["drift"] is None
+
+
+def test_drift_log_survives_a_checkpoint(tmp_path) -> None:
+    import torch
+    from flwr.app import ArrayRecord
+
+    from fedadapt.server.checkpoint import load_checkpoint, save_checkpoint
+    from fedadapt.server.record import RoundLog
+    from fedadapt.strategies.factory import build_strategy
+
+    cfg = RunConfig(drift_monitor=True)
+    entry = {"round": 1, "alert": False, "tested": False, "mmd_p": 1.0, "ks_p": 1.0,
+             "pred_p": 1.0, "reference_round": 1}
+    log = RunLog(rounds=[RoundLog(1)], drift={"a": [entry]})
+    save_checkpoint(tmp_path, cfg, 1, ArrayRecord({"w": torch.zeros(2)}),
+                    build_strategy("fedavg", cfg), log, started=0.0)
+    assert load_checkpoint(tmp_path).log.drift == {"a": [entry]}
