@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from fedadapt.client import runtime
 from fedadapt.client.budget import dataset_budgets, site_dir
 from fedadapt.client.continual import ContinualRound, dp_diagonal_fisher, end_round, plan, rehearsal
+from fedadapt.client.drift_monitor import MonitorConfig, monitor_round
 from fedadapt.client.memory import SiteMemory, memory_folder
 from fedadapt.client.replies import digest, load_reply, reply_folder, save_reply
 from fedadapt.client.site import Site, set_threads, site_from_context
@@ -180,6 +181,16 @@ def _hooks(site: Site, context: Context, msg: Message, cfg: TrainConfig, model,
                 shared_fisher=_shared_fisher(msg))
 
 
+def _monitor(site: Site, context: Context, cfg: TrainConfig):
+    """The round's drift monitor (``drift-monitor``), or None."""
+    mcfg = MonitorConfig.from_run(site.run)
+    if mcfg is None:
+        return None
+    folder = site_dir(site.name, site.run, context.node_config)
+    return lambda model: monitor_round(site, model, mcfg, rnd=cfg.server_round,
+                                       run_key=cfg.run_key, site_dir=folder, phase=cfg.phase)
+
+
 def handle_train(msg: Message, context: Context,
                  run_config: Mapping[str, Any] | None = None) -> Message:
     """Train the received adapters on this site's data and reply with the update.
@@ -214,7 +225,8 @@ def handle_train(msg: Message, context: Context,
     budgets = _budgets(site, context, hooks.ledgers)
     policy = budgets[0].policy
     out = site_round(site, model, hooks.train_set, cfg, budgets=budgets, policy=policy,
-                     run_id=str(msg.metadata.run_id), hooks=hooks)
+                     run_id=str(msg.metadata.run_id), hooks=hooks,
+                     monitor=_monitor(site, context, cfg))
     if isinstance(out, Refused):
         return _refusal(msg, site, out.decision, out.cap)
     if memory is not None:
@@ -227,7 +239,7 @@ def handle_train(msg: Message, context: Context,
         epsilon_round=out.epsilon_round, delta=policy.delta, steps=res.steps,
         sample_rate=res.sample_rate, partition_id=site.index,
         noise_multiplier=out.request.noise_multiplier, epsilon_cap=policy.epsilon_cap,
-        lora_rank=site.lora_rank, accountant=policy.accountant)
+        lora_rank=site.lora_rank, accountant=policy.accountant, drift=out.drift)
     save_reply(replies, cfg.server_round, out.state, reply.metrics(), reply.status(),
                received)  # before it leaves
     return reply.to_message(msg)

@@ -6,14 +6,17 @@ window the site keeps.
   pooled sample, p-value from permutations of the pooled sample.
 * Per-dimension Kolmogorov-Smirnov tests (``scipy.stats.ks_2samp``) with the
   Benjamini-Hochberg procedure (JRSS-B 1995) controlling the false discovery rate.
-* Prediction-distribution drift: chi-square test of the predicted-class counts.
+* Prediction-distribution drift: chi-square test of the predicted-class counts
+  (:func:`prediction_drift`), or, exact at any window size, a permutation test of the
+  chi-square statistic of the two windows' predicted labels
+  (:func:`prediction_permutation_test`).
 
-``drift_test`` raises one alert when either embedding test rejects, each run at α/2
-(Bonferroni), so the false-alarm rate without shift is at most α.
+``drift_test`` raises one alert when any of its tests rejects, each run at α/k for its
+k tests (Bonferroni: α/2 for the two embedding tests, α/3 with predictions), so the
+false-alarm rate without shift is at most α.
 
-Library code only: wiring into the site's reply, ``summary.json`` and the report is not
-done yet; a p-value or alert bit that leaves the site is a function of private data
-(a known leak unless released under DP and recorded in the ledger).
+The site's monitor (:mod:`client.drift_monitor`) runs these tests in every training
+round; the p-values and the alert bit it sends are a documented known leak.
 """
 
 from __future__ import annotations
@@ -125,30 +128,102 @@ def prediction_drift(reference_counts: np.ndarray, current_counts: np.ndarray) -
     return float(stats.chi2_contingency(table)[1])
 
 
+def bh_min_adjusted(pvalues: np.ndarray) -> float:
+    """The smallest Benjamini-Hochberg adjusted p-value, ``min_k m p_(k) / k`` (at most 1):
+    BH at FDR ``q`` rejects some hypothesis iff this is ``<= q``."""
+    p = np.sort(np.asarray(pvalues, dtype=float))
+    return float(min(1.0, (p * p.size / np.arange(1, p.size + 1)).min()))
+
+
+def _chi2_stat(a: np.ndarray, b: np.ndarray, num_classes: int) -> np.ndarray:
+    """Pearson's chi-square of 2 x K tables: ``a``, ``b`` (P, n), (P, m) labels -> (P,)."""
+    ca = np.stack([np.bincount(r, minlength=num_classes) for r in a]).astype(float)
+    cb = np.stack([np.bincount(r, minlength=num_classes) for r in b]).astype(float)
+    tot = ca + cb
+    n, m = a.shape[1], b.shape[1]
+    ea, eb = tot * n / (n + m), tot * m / (n + m)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(tot > 0, (ca - ea) ** 2 / ea + (cb - eb) ** 2 / eb, 0.0)
+    return terms.sum(1)
+
+
+def prediction_permutation_test(reference: np.ndarray, current: np.ndarray, *,
+                                permutations: int, generator: torch.Generator) -> float:
+    """p-value that two windows' predicted labels share one distribution: the chi-square
+    statistic of their 2 x K count table against its permutation distribution, so the
+    test holds its level for windows too small for the chi-square approximation.
+
+    Args:
+        reference: (n,) predicted class of each reference record.
+        current: (m,) predicted class of each current record.
+        permutations: Permutations of the pooled labels.
+        generator: Seeds the permutations.
+
+    Returns:
+        ``(1 + #{permuted >= observed}) / (1 + permutations)``.
+    """
+    ref, cur = np.asarray(reference, dtype=np.int64), np.asarray(current, dtype=np.int64)
+    if ref.ndim != 1 or cur.ndim != 1 or min(ref.size, cur.size) < 1 or min(
+            ref.min(), cur.min()) < 0:
+        raise ValueError(f"prediction test needs two non-empty 1-D windows of class indices, "
+                         f"got shapes {ref.shape} and {cur.shape}")
+    pooled = np.concatenate([ref, cur])
+    k = int(pooled.max()) + 1
+    order = torch.stack([torch.randperm(pooled.size, generator=generator)
+                         for _ in range(permutations)]).numpy()
+    perm = pooled[order]  # (P, n + m)
+    observed = _chi2_stat(ref[None], cur[None], k)[0]
+    permuted = _chi2_stat(perm[:, : ref.size], perm[:, ref.size:], k)
+    return (1 + int((permuted >= observed - 1e-9).sum())) / (1 + permutations)
+
+
 @dataclass(frozen=True)
 class DriftResult:
-    """One window's test result (what could leave the site is ``alert`` or the p-values)."""
+    """One window's test result (what leaves the site is ``alert`` and the p-values).
+
+    Attributes:
+        mmd2: Unbiased MMD² of the two windows' embeddings.
+        mmd_p: Its permutation p-value.
+        ks_rejected: Embedding dimensions BH rejects.
+        ks_min_p: The smallest raw per-dimension KS p-value.
+        alert: Whether any test rejected at its share of α.
+        ks_p: The smallest BH-adjusted KS p-value (compared with its share of α).
+        pred_p: The prediction test's p-value (1.0 when no predictions were given).
+        tests: How many tests α was split over (2, or 3 with predictions).
+    """
 
     mmd2: float
     mmd_p: float
     ks_rejected: tuple[int, ...]
     ks_min_p: float
     alert: bool
+    ks_p: float = 1.0
+    pred_p: float = 1.0
+    tests: int = 2
 
 
 def drift_test(reference: torch.Tensor, current: torch.Tensor, cfg: DriftConfig = DriftConfig(),
-               *, generator: torch.Generator) -> DriftResult:
-    """Test a window of embeddings against the site's reference window.
+               *, generator: torch.Generator, reference_pred: np.ndarray | None = None,
+               current_pred: np.ndarray | None = None) -> DriftResult:
+    """Test a window of embeddings (and predictions) against the site's reference window.
 
     Args:
         reference: (n, d) embeddings of the reference window.
         current: (m, d) embeddings of the current window.
         cfg: Level, permutations, subsample size.
         generator: Seeds the subsampling and the permutations.
+        reference_pred: (n,) predicted classes of the reference window under the model
+            being monitored, or None (no prediction test).
+        current_pred: (m,) the same for the current window.
 
     Returns:
-        The result; ``alert`` when MMD (at α/2) or KS + BH (FDR α/2) rejects.
+        The result; ``alert`` when MMD or KS + BH (FDR) rejects at α/2 each, or, with
+        predictions, when MMD, KS + BH or the prediction test rejects at α/3 each.
     """
+    with_pred = reference_pred is not None and current_pred is not None
+    tests = 3 if with_pred else 2
+    level = cfg.alpha / tests
+
     def sub(z: torch.Tensor) -> torch.Tensor:
         if len(z) <= cfg.max_samples:
             return z
@@ -157,6 +232,10 @@ def drift_test(reference: torch.Tensor, current: torch.Tensor, cfg: DriftConfig 
     ref, cur = sub(reference.detach().cpu()), sub(current.detach().cpu())
     mmd2, p = mmd_permutation_test(ref, cur, permutations=cfg.permutations, generator=generator)
     ks = ks_per_dimension(ref, cur)
-    rejected = benjamini_hochberg(ks, cfg.alpha / 2)
+    rejected = benjamini_hochberg(ks, level)
+    pred_p = (prediction_permutation_test(reference_pred, current_pred,  # type: ignore[arg-type]
+                                          permutations=cfg.permutations, generator=generator)
+              if with_pred else 1.0)
     return DriftResult(mmd2, p, tuple(int(i) for i in np.nonzero(rejected)[0]),
-                       float(ks.min()), bool(p <= cfg.alpha / 2 or rejected.any()))
+                       float(ks.min()), bool(p <= level or rejected.any() or pred_p <= level),
+                       ks_p=bh_min_adjusted(ks), pred_p=pred_p, tests=tests)

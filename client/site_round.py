@@ -25,7 +25,7 @@ from fedadapt.client.site import Site
 from fedadapt.client.train import TrainResult, resolve_device, train
 from fedadapt.imaging.backbones import trainable_state
 from fedadapt.imaging.tasks import task_loss
-from fedadapt.messages import TrainConfig
+from fedadapt.messages import DriftReport, TrainConfig
 from fedadapt.privacy.accounting import Mechanism, epsilon
 from fedadapt.privacy.dp import DPRequest, Wiring, make_private
 from fedadapt.privacy.guard import Decision, TrainRequest, noise_for_target
@@ -89,6 +89,7 @@ class Trained:
             DP or without budgets).
         epsilon_round: ε of this round alone (0 without DP or without budgets).
         state: The trained tensors at the global rank (the reply's).
+        drift: The drift monitor's report on the received model, or None without one.
     """
 
     result: TrainResult
@@ -96,6 +97,7 @@ class Trained:
     epsilon: float
     epsilon_round: float
     state: dict[str, torch.Tensor]
+    drift: DriftReport | None = None
 
 
 def _dp(cfg: TrainConfig, request: TrainRequest) -> DPRequest | None:
@@ -106,7 +108,8 @@ def site_round(site: Site, model: nn.Module, train_set: Dataset, cfg: TrainConfi
                budgets: Sequence[Budget], policy: SitePolicy | None, run_id: str,
                hooks: ContinualRound | None = None,
                dp_request: Callable[[TrainConfig, TrainRequest], DPRequest | None] = _dp,
-               wiring: Wiring = make_private) -> Refused | Trained:
+               wiring: Wiring = make_private,
+               monitor: Callable[[nn.Module], DriftReport] | None = None) -> Refused | Trained:
     """Run one round of training at ``site`` on ``train_set``.
 
     Args:
@@ -122,6 +125,9 @@ def site_round(site: Site, model: nn.Module, train_set: Dataset, cfg: TrainConfi
         dp_request: σ and C handed to Opacus for the priced request (the audit's
             ``--broken`` modes pass other ones; the ledgers record ``request`` anyway).
         wiring: How Opacus is wired in (the audit's ``fixed-batch`` passes another).
+        monitor: The site's drift monitor (``client.drift_monitor.monitor_round``), run
+            on the received model once the guard allows the round and before training;
+            None (the audit) runs none.
 
     Raises:
         RuntimeError: If training ran another mechanism (q, steps) than the guard priced;
@@ -132,6 +138,7 @@ def site_round(site: Site, model: nn.Module, train_set: Dataset, cfg: TrainConfi
         decision = budget.decide(request, run_id=run_id)
         if not decision.allowed:
             return Refused(decision, budget.policy.epsilon_cap)
+    drift = monitor(model) if monitor is not None else None  # the received model, untrained
     dp = dp_request(cfg, request)
     hooks = hooks or ContinualRound(train_set)
     result = train(model, train_set, epochs=cfg.local_epochs, lr=cfg.lr,
@@ -154,7 +161,7 @@ def site_round(site: Site, model: nn.Module, train_set: Dataset, cfg: TrainConfi
             eps_round = epsilon([Mechanism(request.noise_multiplier, request.sample_rate,
                                            request.steps)],
                                 delta=policy.delta, accountant=policy.accountant)
-    return Trained(result, request, eps_total, eps_round, reply_state(site, model))
+    return Trained(result, request, eps_total, eps_round, reply_state(site, model), drift)
 
 
 def reply_state(site: Site, model: nn.Module) -> dict[str, torch.Tensor]:

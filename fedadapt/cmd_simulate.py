@@ -106,6 +106,20 @@ def _add_run_args(p: argparse.ArgumentParser, d: RunConfig) -> None:
                    help="continue the run in RUN_DIR from its checkpoint, with its stored run "
                    "config and sites (only --rounds may be raised; other flags that differ "
                    "from it are an error)")
+    p.add_argument("--drift-monitor", action="store_true",
+                   help="each site tests its images for drift every round and replies "
+                   "with p-values and an alert (a documented known leak)")
+    p.add_argument("--drift-alpha", type=nonneg_float, default=d.drift_alpha,
+                   help=f"false-alarm level of a site's drift alert (default {d.drift_alpha})")
+    p.add_argument("--drift-window", type=positive_int, default=d.drift_window,
+                   help=f"records per drift window (default {d.drift_window})")
+    p.add_argument("--drift-shift", default=d.drift_shift, metavar="SITE:ROUND",
+                   help="shift the drift window of SITE (name or index) from ROUND on")
+    p.add_argument("--drift-shift-gain", type=nonneg_float, default=d.drift_shift_gain,
+                   help=f"contrast gain of the injected shift (default {d.drift_shift_gain})")
+    p.add_argument("--drift-shift-offset", type=float, default=d.drift_shift_offset,
+                   help="brightness offset of the injected shift (default "
+                   f"{d.drift_shift_offset})")
     p.add_argument("--verbose", action="store_true", help="show Flower's own log")
 
 
@@ -205,7 +219,11 @@ def _simulate(args: argparse.Namespace) -> int:
                     backbone_weights=args.backbone_weights or RunConfig().backbone_weights,
                     personal_keys=args.personal_keys, wire_dtype=args.wire_dtype,
                     site_ranks=args.site_ranks, tensorboard=args.tensorboard,
-                    mlflow=args.mlflow, backbone_path=_backbone_path(args.backbone))
+                    mlflow=args.mlflow, backbone_path=_backbone_path(args.backbone),
+                    drift_monitor=args.drift_monitor, drift_alpha=args.drift_alpha,
+                    drift_window=args.drift_window, drift_shift=args.drift_shift,
+                    drift_shift_gain=args.drift_shift_gain,
+                    drift_shift_offset=args.drift_shift_offset)
     if args.scenario in CONTINUAL_SCENARIOS:
         rounds = (args.rounds if args.rounds != RunConfig().num_server_rounds
                   else 2 * args.phases)

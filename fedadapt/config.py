@@ -105,6 +105,22 @@ class RunConfig:
             Flower sooner (``NODE_UNAVAILABLE`` within ~60 s).
         resume_from: A run directory whose ``checkpoint.pt`` (``server.checkpoint``) the
             server continues from, after its last completed round; empty for a fresh run.
+        drift_monitor: Each site tests, in every training round, a window of its current
+            images against a reference window it keeps in its own folder (MMD and
+            per-dimension KS on frozen-backbone embeddings, a test of the predicted-class
+            distribution; ``client.drift_monitor``) and replies with the p-values and an
+            alert bit, a documented known leak (``summary.json`` ``drift``, the report's
+            drift panel).
+        drift_alpha: False-alarm level of a site's drift alert per round (split over its
+            three tests, Bonferroni; BH across embedding dimensions).
+        drift_window: Records in a drift window: fresh images of a simulated synthetic
+            site each round, else a round's sample of the site's held-out split.
+        drift_shift: Simulation only: ``SITE:ROUND`` (a site name or partition index and a
+            1-based round) applies an intensity/contrast shift to that site's drift window
+            from that round on, to see the monitor raise its alert; empty for none.
+        drift_shift_gain: Contrast gain of the injected shift (``x' = gain·x + offset`` on
+            the normalised images).
+        drift_shift_offset: Brightness offset of the injected shift.
     """
 
     num_server_rounds: int = 5
@@ -152,6 +168,12 @@ class RunConfig:
     min_train_sites: int = 1
     round_timeout: float = 3600.0
     resume_from: str = ""
+    drift_monitor: bool = False
+    drift_alpha: float = 0.05
+    drift_window: int = 64
+    drift_shift: str = ""
+    drift_shift_gain: float = 1.5
+    drift_shift_offset: float = 0.5
 
     def __post_init__(self) -> None:
         errors = []
@@ -228,11 +250,24 @@ class RunConfig:
         if self.backbone_path:
             need(self.backbone_weights in ("builtin", "random"), "backbone-weights",
                  "left at its default with 'backbone-path' (the weights are the checkpoint's)")
+        self._check_drift(need)
         if self.dp and self.noise_multiplier == 0:
             errors.append("'noise-multiplier' is 0 while 'dp' is on: that is no privacy at all; "
                           "set a positive noise multiplier or turn DP off explicitly (--no-dp)")
         if errors:
             raise ConfigError("invalid run config:\n  " + "\n  ".join(errors))
+
+    def _check_drift(self, need: Any) -> None:
+        """The ``drift-*`` keys (``need(ok, key, expected)`` collects an error)."""
+        need(0 < self.drift_alpha < 1, "drift-alpha", "a number in (0, 1)")
+        need(8 <= self.drift_window <= 4096, "drift-window", "an integer in 8..4096")
+        need(self.drift_shift_gain > 0, "drift-shift-gain", "a positive number")
+        if self.drift_shift:
+            site, _, rnd = self.drift_shift.rpartition(":")
+            need(bool(site.strip()) and rnd.isdigit() and int(rnd) >= 1, "drift-shift",
+                 "'SITE:ROUND' (a site name or partition index, a round >= 1), or empty")
+            need(self.drift_monitor, "drift-shift",
+                 "empty unless 'drift-monitor' is true (a shift nothing watches)")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "RunConfig":
@@ -280,6 +315,13 @@ class RunConfig:
         if not self.site_ranks:
             return self.lora_rank
         return int(self.site_ranks.split(",")[index])
+
+    def drift_shift_at(self) -> tuple[str, int] | None:
+        """``drift-shift`` as ``(site name or partition index, first round)``, or None."""
+        if not self.drift_shift:
+            return None
+        site, _, rnd = self.drift_shift.rpartition(":")
+        return site.strip(), int(rnd)
 
     def replace(self, **changes: Any) -> "RunConfig":
         """A copy with some fields changed (validated again)."""

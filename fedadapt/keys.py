@@ -61,6 +61,13 @@ EVAL_METRICS: Final = {"balanced_accuracy": "eval-balanced-acc", "auc": "eval-au
                        "dice": "eval-dice"}
 EVAL_ACC_PHASE: Final = "eval-acc-phase-{}"  # continual: accuracy on phase j's test set
 NUM_EXAMPLES_PHASE: Final = "num-examples-phase-{}"  # continual: its size
+# The site's drift monitor (run config drift-monitor, client/drift_monitor.py), in a train
+# reply: all that leaves the site of it (a documented known leak, docs/privacy/known-leaks.md).
+DRIFT_ALERT: Final = "drift-alert"  # 1 if any test rejected at its share of drift-alpha
+DRIFT_MMD_P: Final = "drift-mmd-p"  # MMD permutation p-value of the embeddings
+DRIFT_KS_P: Final = "drift-ks-p"  # smallest Benjamini-Hochberg adjusted per-dimension KS p
+DRIFT_PRED_P: Final = "drift-pred-p"  # p-value of the predicted-class distribution test
+DRIFT_REFERENCE_ROUND: Final = "drift-reference-round"  # the round the reference was built
 
 # --- ConfigRecord `STATUS` replied by a site --------------------------------------
 SITE_ID: Final = "site-id"

@@ -15,6 +15,8 @@ A site folder (node config ``site-dir``; in simulation ``<sites-dir>/<site name>
     personal/<site>.safetensors   personalised tensors kept between rounds
     continual/<run key>/ continual-learning memory (client.memory)
     replies/<run key>/   the last replies, re-sent after a server resume (client.replies)
+    drift/<run key>/reference.safetensors   the drift monitor's reference window
+                         (images and frozen-backbone embeddings; client.drift_monitor)
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ SUPEREXEC_SECRET: Final = "superexec.secret"
 PERSONAL_DIR: Final = "personal"
 MEMORY_DIR: Final = "continual"
 REPLY_DIR: Final = "replies"
+DRIFT_DIR: Final = "drift"
+DRIFT_REFERENCE: Final = "reference.safetensors"
 
 # --- a run directory (server) ----------------------------------------------------------
 SUMMARY_JSON: Final = "summary.json"

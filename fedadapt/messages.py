@@ -12,7 +12,8 @@ Server → site (the ``config`` ConfigRecord a strategy puts into each message):
 * :class:`EvaluateConfig` — an evaluation (``ClientApp.evaluate``);
 * :class:`FisherConfig` — the end-of-phase DP Fisher query (site-incremental EWC).
 
-Site → server: :class:`TrainReply`, :class:`Refusal` (the budget guard said no),
+Site → server: :class:`TrainReply` (with a :class:`DriftReport` when the run monitors
+drift), :class:`Refusal` (the budget guard said no),
 :class:`Idle` (not this site's phase), :class:`EvaluateReply`, :class:`FisherReply`.
 """
 
@@ -194,11 +195,45 @@ def _reply(content: dict[str, Any], reply_to: Message) -> Message:
 
 
 @dataclass(frozen=True)
+class DriftReport:
+    """What a site's drift monitor releases for one round (``client.drift_monitor``).
+
+    Attributes:
+        alert: Whether any test rejected at its share of the run's ``drift-alpha``.
+        mmd_p: MMD permutation p-value of the frozen-backbone embeddings.
+        ks_p: Smallest Benjamini-Hochberg adjusted per-dimension KS p-value.
+        pred_p: p-value of the predicted-class distribution test.
+        reference_round: The round the site built its reference window at; in that round
+            nothing is tested (every p-value 1, no alert).
+    """
+
+    alert: bool
+    mmd_p: float
+    ks_p: float
+    pred_p: float
+    reference_round: int
+
+    def metrics(self) -> dict[str, int | float]:
+        return {keys.DRIFT_ALERT: int(self.alert), keys.DRIFT_MMD_P: self.mmd_p,
+                keys.DRIFT_KS_P: self.ks_p, keys.DRIFT_PRED_P: self.pred_p,
+                keys.DRIFT_REFERENCE_ROUND: self.reference_round}
+
+    @classmethod
+    def from_metrics(cls, m: Mapping[str, Any]) -> DriftReport | None:
+        """The report in a reply's metrics, or None when the site sent none."""
+        if keys.DRIFT_ALERT not in m:
+            return None
+        return cls(alert=bool(int(m[keys.DRIFT_ALERT])), mmd_p=float(m[keys.DRIFT_MMD_P]),
+                   ks_p=float(m[keys.DRIFT_KS_P]), pred_p=float(m[keys.DRIFT_PRED_P]),
+                   reference_round=int(m[keys.DRIFT_REFERENCE_ROUND]))
+
+
+@dataclass(frozen=True)
 class TrainReply:
     """A site's trained update and what it cost (record-level ε of its own ledger).
 
     ``epsilon_cap``, ``lora_rank`` and ``accountant`` are None when the site (an earlier
-    version) did not send them.
+    version) did not send them; ``drift`` is None unless the run monitors drift.
     """
 
     site_id: str
@@ -215,6 +250,7 @@ class TrainReply:
     epsilon_cap: float | None = None
     lora_rank: int | None = None
     accountant: str | None = None
+    drift: DriftReport | None = None
 
     def metrics(self) -> dict[str, int | float]:
         """The ``metrics`` MetricRecord's content."""
@@ -228,6 +264,8 @@ class TrainReply:
                     keys.SAMPLE_RATE: self.sample_rate, keys.PARTITION_ID: self.partition_id})
         if self.lora_rank is not None:
             out[keys.LORA_RANK] = self.lora_rank
+        if self.drift is not None:
+            out.update(self.drift.metrics())
         return out
 
     def status(self) -> dict[str, str]:
@@ -255,7 +293,8 @@ class TrainReply:
                    epsilon_cap=float(m[keys.EPSILON_CAP]) if keys.EPSILON_CAP in m else None,
                    lora_rank=int(m[keys.LORA_RANK]) if keys.LORA_RANK in m else None,
                    accountant=(str(status[keys.ACCOUNTANT]) if keys.ACCOUNTANT in status
-                               else None))
+                               else None),
+                   drift=DriftReport.from_metrics(m))
 
     @classmethod
     def from_message(cls, reply: Message) -> TrainReply:

@@ -167,3 +167,42 @@ def make_site_data(spec: SiteSpec, *, image_size: int, num_classes: int, seed: i
     x, y = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
     tr = spec.train_size
     return TensorDataset(x[:tr], y[:tr]), TensorDataset(x[tr:], y[tr:])
+
+
+@dataclass(frozen=True)
+class IntensityShift:
+    """A change of the images a site receives, after its preprocessing (a new scanner or
+    a changed reconstruction protocol): ``x' = gain · x + offset``, a contrast gain and a
+    brightness offset on the normalised intensities, for any modality and dimensionality.
+
+    Attributes:
+        gain: Multiplies the normalised intensities (contrast).
+        offset: Added to them (brightness).
+    """
+
+    gain: float = 1.5
+    offset: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.gain > 0:
+            raise ValueError(f"IntensityShift.gain must be positive, got {self.gain}")
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        """The shifted images (a new tensor)."""
+        return images * self.gain + self.offset
+
+
+def window_images(spec: SiteSpec, n: int, *, image_size: int, seed: int, site_index: int,
+                  window: int) -> torch.Tensor:
+    """``n`` fresh unlabelled images of a simulated site: the anatomy, label mix and
+    scanner of :func:`make_site_data`, from a stream of their own per ``window`` (a
+    round), so windows are independent draws from the site's distribution.
+
+    Returns:
+        (n, 1, H, W) float32 images.
+    """
+    rng = np.random.default_rng([seed, site_index, window, 15485863])
+    w = np.asarray(spec.label_weights[:3], dtype=np.float64)
+    labels = rng.choice(3, size=n, p=w / w.sum())
+    return torch.from_numpy(np.stack([_scan(_anatomy(rng, image_size, int(y)), spec.shift, rng)
+                                      for y in labels]))

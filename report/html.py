@@ -9,7 +9,7 @@ from typing import Any
 
 from fedadapt import atomic
 from fedadapt.layout import REPORT_HTML, SUMMARY_JSON
-from fedadapt.report.plots import all_plots, score_name
+from fedadapt.report.plots import DRIFT_PLOT, all_plots, score_name
 
 REQUIRED = ("config", "sites", "rounds")
 CAPTIONS = {
@@ -102,15 +102,45 @@ def render(summary: dict[str, Any], plots: dict[str, Path]) -> str:
                      + _table(["round", "kind", "detail"], events))
     parts.append("<h2>Plots</h2>")
     for name, path in plots.items():
+        if name.startswith(DRIFT_PLOT):
+            continue  # in the drift panels below
         parts.append(f"<figure><img src=\"{html.escape(path.name)}\" alt=\"{name}\">"
                      f"<figcaption>{html.escape(CAPTIONS.get(name, name))}</figcaption></figure>")
     for name in ("cross_site", "continual"):
         if name not in plots:
             parts.append(f"<p><i>{CAPTIONS[name]}: not recorded in this run.</i></p>")
+    parts.append(_drift_panels(summary, plots))
     parts.append("<h2>Configuration</h2>" + _table(
         ["key", "value"], [[k, _fmt(v)] for k, v in sorted(cfg.items())]))
     return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>fedadapt report</title>"
             f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def _drift_panels(summary: dict[str, Any], plots: dict[str, Path]) -> str:
+    """One panel per site: its drift monitor's p-values and alert, round by round."""
+    drift = summary.get("drift")
+    if not isinstance(drift, dict):
+        return "<p><i>Drift monitor: off in this run.</i></p>"
+    alerts = drift.get("alerts", [])
+    out = [f"<h2{' class=warn' if alerts else ''}>Drift</h2><p>Each site tests a window of "
+           f"{_fmt(drift.get('window'))} records against the reference it keeps; alert "
+           f"level α = {_fmt(drift.get('alpha'))} per round (α/3 per test). "
+           f"{len(alerts)} alert(s)"
+           + (f"; injected shift {html.escape(str(drift['shift']))}" if drift.get("shift")
+              else "") + ". Only these p-values and the alert left the sites "
+           "(a known leak).</p>"]
+    for site, entries in sorted(drift.get("sites", {}).items()):
+        out.append(f"<h3>{html.escape(site)}</h3>" + _table(
+            ["round", "alert", "MMD p", "KS p (BH)", "prediction p", "reference round"],
+            [[e["round"], ("ALERT" if e["alert"] else "—") if e.get("tested") else
+              "reference built", _fmt(e["mmd_p"]), _fmt(e["ks_p"]), _fmt(e["pred_p"]),
+              e["reference_round"]] for e in entries]))
+        path = plots.get(DRIFT_PLOT + site)
+        if path is not None:
+            out.append(f"<figure><img src=\"{html.escape(path.name)}\" alt=\"drift at "
+                       f"{html.escape(site)}\"><figcaption>Drift p-values at "
+                       f"{html.escape(site)}</figcaption></figure>")
+    return "".join(out)
 
 
 def build_report(run_dir: Path) -> Path:

@@ -173,6 +173,44 @@ def plot_continual(summary: dict[str, Any], out: Path) -> Path | None:
                     out / "continual.png")
 
 
+#: A site's drift plot is ``plots[DRIFT_PLOT + site]``.
+DRIFT_PLOT = "drift:"
+_DRIFT_TESTS = (("mmd_p", "MMD"), ("ks_p", "KS (BH-adjusted)"), ("pred_p", "predictions"))
+
+
+def _file_part(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def plot_drift(summary: dict[str, Any], out: Path) -> dict[str, Path]:
+    """One plot per site of its drift monitor's p-values over rounds (log scale), with
+    each test's level (α/3) and the rounds it raised its alert; none without a monitor."""
+    drift = summary.get("drift")
+    if not isinstance(drift, dict) or not drift.get("sites"):
+        return {}
+    level = float(drift.get("alpha", 0.05)) / len(_DRIFT_TESTS)
+    plots = {}
+    for site, entries in sorted(drift["sites"].items()):
+        tested = [e for e in entries if e.get("tested")]
+        fig, ax = plt.subplots(figsize=(6, 3))
+        for key, label in _DRIFT_TESTS:
+            ax.plot([e["round"] for e in tested], [max(float(e[key]), 1e-4) for e in tested],
+                    marker="o", label=label)
+        ax.axhline(level, color="red", ls=":", label=f"level α/3 = {level:.3g}")
+        for e in tested:
+            if e.get("alert"):
+                ax.axvline(e["round"], color="red", alpha=0.25, lw=6)
+        ax.set_yscale("log")
+        ax.set(title=f"Drift at {site} (shaded: alert)", xlabel="round",
+               ylabel="p-value (floored at 1e-4)",
+               ylim=(1e-4 / 2, 1.5))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        plots[DRIFT_PLOT + site] = _save(fig, out / f"drift-{_file_part(site)}.png")
+    return plots
+
+
 def all_plots(summary: dict[str, Any], out: Path) -> dict[str, Path]:
     """Every plot this summary supports, as ``{name: png path}``."""
     plots = {"metrics": plot_metrics(summary, out), "epsilon": plot_epsilon(summary, out),
@@ -181,4 +219,5 @@ def all_plots(summary: dict[str, Any], out: Path) -> dict[str, Path]:
         path = fn(summary, out)
         if path is not None:
             plots[name] = path
+    plots.update(plot_drift(summary, out))
     return plots

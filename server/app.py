@@ -24,8 +24,8 @@ from fedadapt.server.progress import Progress
 from fedadapt.server.report_hook import write_report
 from fedadapt.server.round import Federation, RoundState
 from fedadapt.server.rundir import new_run_dir, save_adapter
-from fedadapt.server.summary import (StrategySection, Summary, WireSection, privacy_section,
-                                     timestamp, write_summary)
+from fedadapt.server.summary import (StrategySection, Summary, WireSection, drift_section,
+                                     privacy_section, timestamp, write_summary)
 from fedadapt.strategies.wire import bytes_per_element
 
 
@@ -61,7 +61,7 @@ def summarise(fed: Federation, st: RoundState, adapter: Path,
                              a.numel() * (bytes_per_element(cfg.wire_dtype)
                                           if a.is_floating_point() else a.element_size())
                              for a in arrays.values())),
-        adapter_dir=str(adapter.relative_to(fed.run_dir)))
+        adapter_dir=str(adapter.relative_to(fed.run_dir)), drift=drift_section(cfg, log))
 
 
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:

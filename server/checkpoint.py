@@ -142,7 +142,7 @@ def restore_strategy(strategy: Any, state: Mapping[str, Any]) -> None:
 
 def _log_state(log: RunLog) -> dict[str, Any]:
     return {"rounds": [dataclasses.asdict(r) for r in log.rounds],
-            "wire_tensors": sorted(log.wire_tensors), "sites": log.sites}
+            "wire_tensors": sorted(log.wire_tensors), "sites": log.sites, "drift": log.drift}
 
 
 def _spent(log: RunLog) -> list[str]:
@@ -204,7 +204,8 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} holds no adapter tensors")
     lg = raw["log"]
     log = RunLog(rounds=[RoundLog(**r) for r in lg["rounds"]],
-                 wire_tensors=set(lg["wire_tensors"]), sites=dict(lg["sites"]))
+                 wire_tensors=set(lg["wire_tensors"]), sites=dict(lg["sites"]),
+                 drift=dict(lg.get("drift", {})))  # a checkpoint of an earlier version: none
     if [r.round for r in log.rounds] != list(range(1, rnd + 1)):
         raise CheckpointError(f"checkpoint {path} says round {rnd} but logs rounds "
                               f"{[r.round for r in log.rounds]}")

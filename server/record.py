@@ -69,6 +69,8 @@ class RunLog:
     rounds: list[RoundLog] = field(default_factory=list)
     wire_tensors: set[str] = field(default_factory=set)
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Per site, what its drift monitor reported each round it trained (``drift-monitor``).
+    drift: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def new_round(self, rnd: int) -> RoundLog:
         self.rounds.append(RoundLog(rnd))
@@ -101,6 +103,12 @@ class RunLog:
             info.update(epsilon_cap=r.epsilon_cap, epsilon_remaining=r.epsilon_cap - r.epsilon)
         if r.accountant is not None:
             info["accountant"] = r.accountant
+        if r.drift is not None:
+            d = r.drift
+            self.drift.setdefault(r.site_id, []).append({
+                "round": log.round, "alert": d.alert, "tested": log.round > d.reference_round,
+                "mmd_p": d.mmd_p, "ks_p": d.ks_p, "pred_p": d.pred_p,
+                "reference_round": d.reference_round})
 
     def refused(self, log: RoundLog, reply: Message) -> bool:
         """Record a site's structured refusal; True if its budget is spent for good."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedadapt import atomic
+from fedadapt import atomic, keys
 from fedadapt.config import RunConfig
 from fedadapt.layout import SUMMARY_JSON
 from fedadapt.server.record import RunLog
@@ -64,6 +64,20 @@ class WireSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DriftSection:
+    """The sites' drift monitors (``drift-monitor``): what each site reported per round."""
+
+    alpha: float = _doc("the false-alarm level of each site's alert per round (drift-alpha)")
+    window: int = _doc("records per window (drift-window)")
+    shift: str = _doc("the shift injected in simulation, 'SITE:ROUND' (drift-shift), or ''")
+    released: list[str] = _doc("the reply keys that left each site (the known leak)")
+    sites: dict[str, list[dict[str, Any]]] = _doc(
+        "per site, per round it trained: round, alert, tested (false in the round its "
+        "reference was built), mmd_p, ks_p, pred_p, reference_round")
+    alerts: list[dict[str, Any]] = _doc("every alert: site and round")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Summary:
     """A finished run (schema :data:`SCHEMA`)."""
 
@@ -81,6 +95,8 @@ class Summary:
     rounds: list[dict[str, Any]] = _doc("per round: train/evaluate metrics, bytes, faults")
     wire: WireSection = _doc("what crossed the wire")
     adapter_dir: str = _doc("the final PEFT adapter, relative to run_dir")
+    drift: DriftSection | None = _doc("the sites' drift alerts per round, or null without "
+                                      "drift-monitor", default=None)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of ``summary.json`` (sections as nested objects)."""
@@ -100,7 +116,7 @@ def summary_schema() -> list[tuple[str, str, str]]:
     def walk(cls: type, prefix: str) -> None:
         for f in dataclasses.fields(cls):
             out.append((prefix + f.name, str(f.type), f.metadata.get("doc", "")))
-            sub = _SECTIONS.get(str(f.type))
+            sub = _SECTIONS.get(str(f.type).removesuffix(" | None"))
             if sub is not None:
                 walk(sub, f"{prefix}{f.name}.")
 
@@ -109,7 +125,21 @@ def summary_schema() -> list[tuple[str, str, str]]:
 
 
 _SECTIONS: dict[str, type] = {"PrivacySection": PrivacySection,
-                              "StrategySection": StrategySection, "WireSection": WireSection}
+                              "StrategySection": StrategySection, "WireSection": WireSection,
+                              "DriftSection": DriftSection}
+
+
+def drift_section(cfg: RunConfig, log: RunLog) -> DriftSection | None:
+    """The ``drift`` block from what the sites' monitors reported, or None when off."""
+    if not cfg.drift_monitor:
+        return None
+    return DriftSection(
+        alpha=cfg.drift_alpha, window=cfg.drift_window, shift=cfg.drift_shift,
+        released=[keys.DRIFT_ALERT, keys.DRIFT_MMD_P, keys.DRIFT_KS_P, keys.DRIFT_PRED_P,
+                  keys.DRIFT_REFERENCE_ROUND],
+        sites={s: log.drift[s] for s in sorted(log.drift)},
+        alerts=sorted(({"site": s, "round": e["round"]} for s, rs in log.drift.items()
+                       for e in rs if e["alert"]), key=lambda a: (a["round"], a["site"])))
 
 
 def privacy_section(cfg: RunConfig, log: RunLog, site_level: dict[str, Any] | None

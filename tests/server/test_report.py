@@ -93,3 +93,24 @@ def test_cli_report_errors(tmp_path, capsys, content, needle):
 def test_cli_report_missing_run_dir(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_report_has_a_drift_panel_per_site(tmp_path):
+    def entry(rnd, alert, p):
+        return {"round": rnd, "alert": alert, "tested": rnd > 1, "mmd_p": p, "ks_p": p,
+                "pred_p": 0.5, "reference_round": 1}
+    drift = {"alpha": 0.05, "window": 64, "shift": "site-1:2", "released": [],
+             "sites": {"site-0": [entry(1, False, 1.0), entry(2, False, 0.4)],
+                       "site-1": [entry(1, False, 1.0), entry(2, True, 1e-6)]},
+             "alerts": [{"site": "site-1", "round": 2}]}
+    run = _write(tmp_path, _summary(drift=drift))
+    build_report(run)
+    text = _check(run, {"metrics", "epsilon", "bytes", "drift-site-0", "drift-site-1"})
+    assert "<h2 class=warn>Drift</h2>" in text and "1 alert(s)" in text
+    assert "<h3>site-0</h3>" in text and "<h3>site-1</h3>" in text
+    site1 = text.split("<h3>site-1</h3>")[1]
+    assert "ALERT" in site1 and "ALERT" not in text.split("<h3>site-1</h3>")[0]
+    (tmp_path / "off").mkdir()
+    off = _write(tmp_path / "off", _summary())
+    build_report(off)
+    assert "Drift monitor: off in this run" in (off / "report.html").read_text()

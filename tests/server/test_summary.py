@@ -8,7 +8,7 @@ from fedadapt.server.summary import (SCHEMA, StrategySection, Summary, WireSecti
                                      privacy_section, summary_schema)
 
 TOP = ["schema", "run_dir", "started", "duration_s", "config", "privacy", "stopped_early",
-       "cross_site", "continual", "strategy", "sites", "rounds", "wire", "adapter_dir"]
+       "cross_site", "continual", "strategy", "sites", "rounds", "wire", "adapter_dir", "drift"]
 
 
 def _summary() -> Summary:
@@ -38,3 +38,36 @@ def test_every_field_is_documented() -> None:
     assert [r[0] for r in rows if "." not in r[0]] == TOP
     assert "privacy.site_level" in [r[0] for r in rows]
     assert all(doc for _, _, doc in rows), [r for r in rows if not r[2]]
+
+
+def test_drift_section_lists_each_sites_rounds_and_alerts() -> None:
+    from fedadapt.server.summary import drift_section
+
+    log = RunLog(drift={"b": [{"round": 1, "alert": False, "tested": False},
+                              {"round": 2, "alert": True, "tested": True}],
+                        "a": [{"round": 2, "alert": True, "tested": True}]})
+    assert drift_section(RunConfig(), log) is None  # drift-monitor off
+    sec = drift_section(RunConfig(drift_monitor=True, drift_shift="b:2"), log)
+    assert list(sec.sites) == ["a", "b"] and sec.shift == "b:2" and sec.alpha == 0.05
+    assert sec.alerts == [{"site": "a", "round": 2}, {"site": "b", "round": 2}]
+    assert "drift-alert" in sec.released
+    rows = [r[0] for r in summary_schema()]
+    assert {"drift.alpha", "drift.sites", "drift.alerts"} <= set(rows)
+    assert _summary().to_json()["drift"] is None
+
+
+def test_drift_log_survives_a_checkpoint(tmp_path) -> None:
+    import torch
+    from flwr.app import ArrayRecord
+
+    from fedadapt.server.checkpoint import load_checkpoint, save_checkpoint
+    from fedadapt.server.record import RoundLog
+    from fedadapt.strategies.factory import build_strategy
+
+    cfg = RunConfig(drift_monitor=True)
+    entry = {"round": 1, "alert": False, "tested": False, "mmd_p": 1.0, "ks_p": 1.0,
+             "pred_p": 1.0, "reference_round": 1}
+    log = RunLog(rounds=[RoundLog(1)], drift={"a": [entry]})
+    save_checkpoint(tmp_path, cfg, 1, ArrayRecord({"w": torch.zeros(2)}),
+                    build_strategy("fedavg", cfg), log, started=0.0)
+    assert load_checkpoint(tmp_path).log.drift == {"a": [entry]}
