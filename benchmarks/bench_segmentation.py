@@ -137,7 +137,8 @@ def compare_arms(args: argparse.Namespace) -> list[dict]:
             t0 = time.perf_counter()
             pooled = build_model(spec)
             fit(pooled, ConcatDataset([tr for tr, _ in sites]), epochs, seed, dp)
-            row = {"seed": seed, "dp": dp is not None, "pooled": dice(pooled, tests, sc.num_classes)}
+            row = {"seed": seed, "dp": dp is not None,
+                   "pooled": dice(pooled, tests, sc.num_classes)}
             local = []
             for i, (tr, te) in enumerate(sites):
                 m = build_model(spec)

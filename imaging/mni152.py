@@ -133,7 +133,7 @@ def load_template(voxel_mm: int = 2, volume: str = "mni152") -> Template:
         try:
             img = nib.load(str(path))
             a = np.asarray(img.dataobj, dtype=np.float32)
-        except Exception as e:  # nibabel raises several types for a bad file
+        except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as e:
             raise DataError(f"{path}: cannot read as NIfTI ({e})") from e
         if a.shape != SHAPE_1MM or (affine is not None and not np.allclose(img.affine, affine)):
             raise DataError(f"{path}: grid {a.shape} differs from the template's {SHAPE_1MM} "
