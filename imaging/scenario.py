@@ -36,10 +36,10 @@ by the scenario's seed::
     label_weights = [0.35, 0.65]
     test_fraction = 0.2
 
-    [[site]]                       # patches of a packaged brain volume (imaging.mni152)
-    name = "hospital-frontal"      # (task = "segmentation", spatial_dims = 3,
-    volume = "mni152"              #  num_classes = 3; image_size is the patch side,
-    train_size = 96                #  voxel_mm = 2 at the top the voxel size)
+    [[site]]                       # patches of a packaged brain volume (imaging.mni152):
+    name = "hospital-frontal"      # task = "segmentation", spatial_dims = 3,
+    volume = "mni152"              # num_classes = 3; image_size is the patch side and
+    train_size = 96                # the top-level voxel_mm (default 2) the voxel size
     test_size = 8
     ap_range = [0.5, 1.0]          # patch centres in the anterior half of the brain
 """
