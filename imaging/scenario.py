@@ -35,6 +35,13 @@ by the scenario's seed::
     size = 800                     # records (train + test) drawn from the shared pool
     label_weights = [0.35, 0.65]
     test_fraction = 0.2
+
+    [[site]]                       # patches of a packaged brain volume (imaging.mni152):
+    name = "hospital-frontal"      # task = "segmentation", spatial_dims = 3,
+    volume = "mni152"              # num_classes = 3; image_size is the patch side and
+    train_size = 96                # the top-level voxel_mm (default 2) the voxel size
+    test_size = 8
+    ap_range = [0.5, 1.0]          # patch centres in the anterior half of the brain
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedadapt.imaging.datalist import ImageSpec, load_split
+from fedadapt.imaging.mni152 import TISSUES, VolumeSite, load_template, site_patches
 from fedadapt.imaging.packaged import PackageSite, assign, load_records, pool
 from fedadapt.imaging.synthetic import ScannerShift, SiteSpec, _scan, make_site_data
 from fedadapt.imaging.tasks import synthetic_segmentation
@@ -57,20 +65,22 @@ from fedadapt.imaging.tasks import synthetic_segmentation
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "simulations" / "scenarios"
 TASKS = ("classification", "multilabel", "segmentation")
 _TOP = {"name", "task", "spatial_dims", "image_size", "num_classes", "seed", "site",
-        "backbone"}
+        "backbone", "voxel_mm"}
 _SITE = {"name", "train_size", "test_size", "label_weights", "shift", "datalist", "image",
-         "package", "classes", "size", "test_fraction"}
+         "package", "classes", "size", "test_fraction", "volume", "ap_range"}
 
 
 @dataclass(frozen=True)
 class ScenarioSite:
-    """A site: synthetic (``spec``), from files (``datalist`` + ``image``) or from a
-    folder of an installed package (``package``, :mod:`imaging.packaged`)."""
+    """A site: synthetic (``spec``), from files (``datalist`` + ``image``), from a
+    folder of an installed package (``package``, :mod:`imaging.packaged`) or patches of
+    a packaged volume (``volume``, :mod:`imaging.mni152`)."""
 
     spec: SiteSpec
     datalist: Path | None = None
     image: ImageSpec | None = None
     package: PackageSite | None = None
+    volume: VolumeSite | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,7 @@ class Scenario:
     seed: int
     sites: tuple[ScenarioSite, ...]
     backbone: str = ""
+    voxel_mm: int = 2
 
 
 def scenario_path(name_or_path: str | Path) -> Path:
@@ -130,6 +141,9 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
         if "package" in s:
             sites.append(_package_site(s, shift, task, dims, k, where))
             continue
+        if "volume" in s:
+            sites.append(_volume_site(s, shift, task, dims, k, where))
+            continue
         if "datalist" in s:
             image = ImageSpec(**{"spatial_dims": dims, "spatial_size": (size,) * dims,
                                  "task": task, "num_classes": k,
@@ -151,8 +165,12 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
         weights = tuple(float(w) for w in s.get("label_weights", (1.0,) * 3))
         sites.append(ScenarioSite(SiteSpec(s["name"], s["train_size"], s["test_size"], shift,
                                            weights)))
+    voxel = doc.get("voxel_mm", 2)
+    if voxel not in (1, 2, 3, 4):
+        raise ValueError(f"scenario {path}: voxel_mm={voxel!r}; use an integer 1-4 (the "
+                         "voxel size, in mm, of 'volume' sites)")
     return Scenario(str(doc.get("name", path.stem)), task, dims, size, k,
-                    int(doc.get("seed", 0)), tuple(sites), _backbone(doc, path))
+                    int(doc.get("seed", 0)), tuple(sites), _backbone(doc, path), int(voxel))
 
 
 def _backbone(doc: dict[str, Any], path: Path) -> str:
@@ -173,6 +191,9 @@ def site_data(sc: Scenario, index: int) -> tuple[TensorDataset, TensorDataset]:
     site = sc.sites[index]
     if site.package is not None:
         return _package_data(sc, index)
+    if site.volume is not None:
+        return site_patches(load_template(sc.voxel_mm, site.volume.volume), site.volume,
+                            sc.image_size, np.random.default_rng([sc.seed, index, 7]))
     if site.datalist is not None:
         assert site.image is not None
         return (load_split(site.datalist, "training", site.image),
@@ -207,6 +228,23 @@ def _package_site(s: dict[str, Any], shift: ScannerShift, task: str, dims: int, 
     n_test = int(round(pkg.size * pkg.test_fraction))
     return ScenarioSite(SiteSpec(s["name"], pkg.size - n_test, n_test, shift,
                                  pkg.label_weights), package=pkg)
+
+
+def _volume_site(s: dict[str, Any], shift: ScannerShift, task: str, dims: int, k: int,
+                 where: str) -> ScenarioSite:
+    if (task, dims, k) != ("segmentation", 3, len(TISSUES)):
+        raise ValueError(f"{where}: a 'volume' site is 3-D tissue segmentation; set task = "
+                         f"\"segmentation\", spatial_dims = 3, num_classes = {len(TISSUES)} "
+                         f"({', '.join(TISSUES)}); found {task!r}, {dims}, {k}")
+    try:
+        vol = VolumeSite(volume=str(s["volume"]), train_size=s.get("train_size"),
+                         test_size=s.get("test_size"),
+                         ap_range=tuple(float(v) for v in s.get("ap_range", (0.0, 1.0))),
+                         shift=shift)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+    return ScenarioSite(SiteSpec(s["name"], vol.train_size, vol.test_size, shift),
+                        volume=vol)
 
 
 def _package_data(sc: Scenario, index: int) -> tuple[TensorDataset, TensorDataset]:
