@@ -178,12 +178,17 @@ def share_keys(session: Session, send: Exchange) -> None:
 
 
 def attach(message: Message, session: Session) -> Message:
-    """Stage 2: the shares addressed to this train message's site, forwarded with it."""
-    srcs, ctxts = session.forward[message.metadata.dst_node_id]
-    message.content[keys.SECAGG] = ConfigRecord({
+    """Stage 2: the train message to one site, with the shares addressed to it forwarded.
+
+    A new message: Flower's strategies give every site's message one shared content."""
+    nid = message.metadata.dst_node_id
+    srcs, ctxts = session.forward[nid]
+    content = RecordDict(dict(message.content.items()))
+    content[keys.SECAGG] = ConfigRecord({
         Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.SOURCE_LIST: list(srcs),
         Key.CIPHERTEXT_LIST: list(ctxts)})
-    return message
+    return Message(content, dst_node_id=nid, message_type=message.metadata.message_type,
+                   group_id=message.metadata.group_id)
 
 
 def _masked(reply: Message, session: Session) -> tuple[list[np.ndarray] | None, str | None]:
