@@ -18,8 +18,10 @@ active and dead (whose two shares together would unmask its update), and itself 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import secrets
-from typing import Mapping, cast
+from contextlib import contextmanager
+from typing import Iterator, Mapping, cast
 
 import numpy as np
 import torch
@@ -38,6 +40,19 @@ from fedadapt import keys
 from fedadapt.messages import TrainReply
 from fedadapt.privacy import secagg as sa
 from fedadapt.privacy.distributed_dp import skellam_noise
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Flower's stage functions log every stage of every node at DEBUG; a simulated site's
+    console would fill with them."""
+    log = logging.getLogger("flwr")
+    level = log.level
+    log.setLevel(max(level, logging.INFO))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _load(context: Context) -> SecAggPlusState:
@@ -70,7 +85,8 @@ def handle_setup(msg: Message, context: Context) -> Message:
     configs = _stage(state, ConfigRecord({k: v for k, v in record.items() if k not in (
         keys.SECAGG_NOISE, keys.SECAGG_NOISE_VARIANCE, keys.SECAGG_CLIP_NORM)}))
     state.nid = msg.metadata.dst_node_id
-    res = _setup(state, configs)
+    with _quiet():
+        res = _setup(state, configs)
     state.noise = str(record[keys.SECAGG_NOISE])  # type: ignore[attr-defined]
     state.noise_variance = float(record[keys.SECAGG_NOISE_VARIANCE])  # type: ignore
     state.clip_norm = float(record[keys.SECAGG_CLIP_NORM])  # type: ignore[attr-defined]
@@ -83,7 +99,8 @@ def handle_share_keys(msg: Message, context: Context) -> Message:
     mask seed and secret key (one per neighbour) and the seed's sha256 commitment."""
     state = _load(context)
     configs = _stage(state, msg.content[keys.SECAGG])
-    res = _share_keys(state, configs)
+    with _quiet():
+        res = _share_keys(state, configs)
     res[keys.SECAGG_SEED_DIGEST] = sa.seed_digest(state.rd_seed)
     _save(context, state)
     return _reply(msg, res)
@@ -187,7 +204,8 @@ def handle_unmask(msg: Message, context: Context) -> Message:
     if unknown:
         raise sa.SecAggError(f"node {state.nid}: asked for shares of nodes {sorted(unknown)} "
                              "that never shared keys with it; refused")
-    res = _unmask(state, configs)
+    with _quiet():
+        res = _unmask(state, configs)
     _save(context, state)
     return _reply(msg, res)
 
