@@ -215,3 +215,27 @@ def test_a_tampered_share_is_rejected_and_the_round_completes(tmp_path):
     base = decode(encode(ArrayRecord({n: t for n, t in _initial(run["cfg"]).items()
                                       if "lora_A" not in n}), "bfloat16"))
     _check_fedavg(run, base)  # FFA-LoRA: B + head; the sites received bf16-rounded tensors
+
+
+def test_distributed_dp_eps_is_in_the_summary_next_to_the_record_level_eps(tmp_path):
+    run = _run(tmp_path, secagg_noise="skellam", secagg_noise_multiplier=2.0,
+               secagg_max_weight=0, secagg_clip_norm=1.0)
+    summary, cfg = run["summary"], run["cfg"]
+    block = summary["privacy"]["secure_aggregation"]["distributed_dp"]
+    assert block["unit"] == "site" and summary["privacy"]["unit"] == "record"
+    assert all(site["epsilon"] > 0 for site in summary["sites"].values())  # record-level
+    # Independently: Δ2 = C·s + √d, Δ1 = √d·Δ2, total variance (z·Δ2)² with all 3 sites in
+    # the sum; Agarwal et al. 2021 Thm 3.5 and the RDP → (ε, δ) conversion, by hand.
+    dim = sum(t.numel() for t in run["adapter"].values())
+    s = TARGET_RANGE / (2 * cfg.secagg_clip_norm)
+    l2 = cfg.secagg_clip_norm * s + dim ** 0.5
+    l1, var = dim ** 0.5 * l2, (cfg.secagg_noise_multiplier * l2) ** 2
+    import math
+    from fedadapt.privacy.distributed_dp import ORDERS
+    eps = min(a * l2**2 / (2 * var) + min(((2 * a - 1) * l2**2 + 6 * l1) / (4 * var**2),
+                                           3 * l1 / (2 * var))
+              + math.log((a - 1) / a) - (math.log(cfg.delta) + math.log(a)) / (a - 1)
+              for a in ORDERS)
+    assert block["epsilon"] == pytest.approx(eps, rel=1e-6)
+    assert block["rounds"][0]["sites"] == 3
+    assert 1.0 < block["epsilon"] < 3.0  # z = 2: about the Gaussian mechanism's ε
