@@ -206,6 +206,9 @@ def handle_unmask(msg: Message, context: Context) -> Message:
                              "that never shared keys with it; refused")
     with _quiet():
         res = _unmask(state, configs)
+    # The round is over for this site: its secrets and the shares it holds are not kept.
+    state.sk1 = state.sk2 = state.rd_seed = b""
+    state.rd_seed_share_dict, state.sk1_share_dict, state.ss2_dict = {}, {}, {}
     _save(context, state)
     return _reply(msg, res)
 

@@ -1,7 +1,9 @@
 """SecAgg+ stages driven directly, in process: the server's (server/secagg.py) and the
 sites' (client/secagg.py) functions exchange real Flower Messages, each site with its own
 Context, without the Simulation Engine; many sites, sparse graphs and tampering are cheap
-here."""
+here. Every message content goes through Flower's protobuf serialisation (what the
+Deployment Engine sends over gRPC), with node ids on both sides of 2**63 (Flower's node
+ids are uint64)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import Key
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from fedadapt import keys
 from fedadapt.client import secagg as site
@@ -25,12 +28,18 @@ HANDLERS = {keys.QUERY_SECAGG_SETUP: site.handle_setup,
 SHAPES = {"a": (4, 3), "b": (5,)}
 
 
+def _wire(msg: Message) -> Message:
+    """``msg`` with its content as it arrives after Flower's protobuf round trip."""
+    msg.content = recorddict_from_proto(recorddict_to_proto(msg.content))
+    return msg
+
+
 class Federation:
     """``n`` sites with their own Contexts, and the exchange the server's stages use."""
 
     def __init__(self, n: int, **cfg) -> None:
         self.cfg = RunConfig(secure_aggregation=True, num_sites=n, **cfg)
-        self.nodes = [1000 + 17 * i for i in range(n)]
+        self.nodes = [1000 + 17 * i if i % 2 else 2**63 + 17 * i for i in range(n)]
         self.ctx = {nid: Context(run_id=1, node_id=nid, node_config={}, state=RecordDict(),
                                  run_config={}) for nid in self.nodes}
         self.arrays = {k: torch.zeros(s) for k, s in SHAPES.items()}
@@ -49,7 +58,8 @@ class Federation:
             if m.metadata.dst_node_id in self.down:
                 continue
             try:
-                out.append(HANDLERS[m.metadata.message_type](m, self.ctx[m.metadata.dst_node_id]))
+                out.append(_wire(HANDLERS[m.metadata.message_type](
+                    _wire(m), self.ctx[m.metadata.dst_node_id])))
             except ValueError as err:
                 self.errors.append(str(err))
         return out
@@ -59,15 +69,15 @@ class Federation:
         server.share_keys(self.session, self.send)
 
     def train(self, nid: int, rng: np.random.Generator) -> Message:
-        msg = server.attach(Message(RecordDict({keys.ARRAYS: ArrayRecord(self.arrays)}),
-                                    dst_node_id=nid, message_type="train"), self.session)
+        msg = _wire(server.attach(Message(RecordDict({keys.ARRAYS: ArrayRecord(self.arrays)}),
+                                          dst_node_id=nid, message_type="train"), self.session))
         site.receive_shares(msg, self.ctx[nid])
         reply = TrainReply(site_id=f"site-{nid}", arrays=ArrayRecord(),
                            num_examples=self.weights[nid], train_loss=0.0, epsilon=0.0,
                            epsilon_round=0.0, delta=1e-5, steps=1, sample_rate=0.1,
                            partition_id=0)
         trained = {k: self.arrays[k] + self.updates[nid][k] for k in SHAPES}
-        return site.masked_reply(msg, self.ctx[nid], reply, self.arrays, trained, rng)
+        return _wire(site.masked_reply(msg, self.ctx[nid], reply, self.arrays, trained, rng))
 
     def fedavg(self, nodes) -> dict[str, torch.Tensor]:
         w = sum(self.weights[n] for n in nodes)
