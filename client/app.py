@@ -216,6 +216,8 @@ def handle_train(msg: Message, context: Context,
     # Charged to the ledger of every dataset whose records the training set holds (a
     # replay union: the current data's and each earlier phase's), so each ledger bounds
     # the ε of its own records and the cap binds per record.
+    if secure:  # a weight the masked sum cannot hold is refused before anything is spent
+        secagg.check_weight(context, len(hooks.train_set))
     budgets = _budgets(site, context, hooks.ledgers)
     policy = budgets[0].policy
     out = site_round(site, model, hooks.train_set, cfg, budgets=budgets, policy=policy,

@@ -140,6 +140,17 @@ def receive_shares(msg: Message, context: Context) -> None:
     _save(context, state)
 
 
+def check_weight(context: Context, num_examples: int) -> None:
+    """Before training: refuse a weight above ``secagg-max-weight`` while nothing is spent.
+
+    Raises:
+        privacy.secagg.SecAggError: If the weight is out of range.
+    """
+    state = _load(context)
+    sa.SecAggParams(clip_norm=float(state.clip_norm),  # type: ignore[attr-defined]
+                    max_weight=int(state.max_weight)).factor(num_examples)
+
+
 def _masked_record(vector: list[np.ndarray], names: list[str]) -> ArrayRecord:
     """Masked ring elements as uint32 on the wire (4 bytes a coordinate)."""
     return ArrayRecord({n: Array.from_numpy_ndarray(a.astype(np.uint32))
