@@ -239,3 +239,48 @@ def test_distributed_dp_eps_is_in_the_summary_next_to_the_record_level_eps(tmp_p
     assert block["epsilon"] == pytest.approx(eps, rel=1e-6)
     assert block["rounds"][0]["sites"] == 3
     assert 1.0 < block["epsilon"] < 3.0  # z = 2: about the Gaussian mechanism's ε
+
+
+class _DyingGrid:
+    """The server "dies" as round 2's first message (the setup query) is about to go out."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        if any(m.metadata.group_id == "2" for m in messages):
+            raise SystemExit("server killed before round 2")
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+def test_distributed_dp_eps_composes_across_a_server_resume(tmp_path):
+    cfg = RunConfig(out_dir=str(tmp_path), **{**BASE, "num_server_rounds": 2,
+                                              "secagg_noise": "skellam",
+                                              "secagg_max_weight": 0})
+
+    def dying(overrides, run_dir):
+        app = ServerApp()
+
+        @app.main()
+        def _main(grid: Grid, context: Context) -> None:
+            run_federation(_DyingGrid(grid), RunConfig.from_mapping(overrides), run_dir)
+
+        return app, client_app.build_client_app(overrides)
+
+    with pytest.raises(RuntimeError, match="without writing"):
+        simulate(cfg, apps=dying)
+    (run_dir,) = Path(cfg.out_dir).iterdir()
+    before = load_checkpoint(run_dir)
+    assert before.round == 1 and len(before.extra["secagg_dp"]) == 1
+    resumed = simulate(RunConfig.from_mapping({**before.config, "resume-from": str(run_dir)}))
+    block = json.loads((resumed / "summary.json").read_text())["privacy"][
+        "secure_aggregation"]["distributed_dp"]
+    assert [r["round"] for r in block["rounds"]] == [1, 2]
+    from fedadapt.privacy.distributed_dp import skellam_epsilon
+    one = skellam_epsilon([(r["l2"], r["l1"], r["variance"]) for r in block["rounds"][:1]],
+                          delta=cfg.delta)
+    assert block["epsilon"] > one
