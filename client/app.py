@@ -16,7 +16,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedadapt.client import runtime
+from fedadapt.client import runtime, secagg
 from fedadapt.client.budget import dataset_budgets, site_dir
 from fedadapt.client.continual import ContinualRound, dp_diagonal_fisher, end_round, plan, rehearsal
 from fedadapt.client.drift_monitor import MonitorConfig, monitor_round
@@ -206,13 +206,18 @@ def handle_train(msg: Message, context: Context,
     cfg = TrainConfig.from_message(msg)
     if _idle_in(site, cfg.phase):
         return _idle(msg, site)  # not this site's phase (site-incremental)
+    secure = keys.SECAGG in msg.content  # secure aggregation: its neighbours' key shares
+    if secure:  # a tampered share stops the site here, before it trains or spends
+        secagg.receive_shares(msg, context)
     replies = reply_folder(site_dir(site.name, site.run, context.node_config), cfg.run_key)
     received = digest(_received(msg))
     kept = load_reply(replies, cfg.server_round, received)
     if kept is not None:  # asked again after a server resume: already trained and spent
         tensors, kept_metrics, kept_status = kept
-        return TrainReply.from_records(wire.encode(tensors, cfg.wire_dtype), kept_metrics,
-                                       kept_status).to_message(msg)
+        kept_reply = TrainReply.from_records(wire.encode(tensors, cfg.wire_dtype),
+                                             kept_metrics, kept_status)
+        return (secagg.masked_reply(msg, context, kept_reply, _received(msg), tensors)
+                if secure else kept_reply.to_message(msg))
     model = _model(site, msg)
     memory = _memory(site, context, cfg)
     try:
@@ -222,6 +227,8 @@ def handle_train(msg: Message, context: Context,
     # Charged to the ledger of every dataset whose records the training set holds (a
     # replay union: the current data's and each earlier phase's), so each ledger bounds
     # the ε of its own records and the cap binds per record.
+    if secure:  # a weight the masked sum cannot hold is refused before anything is spent
+        secagg.check_weight(context, len(hooks.train_set))
     budgets = _budgets(site, context, hooks.ledgers)
     policy = budgets[0].policy
     out = site_round(site, model, hooks.train_set, cfg, budgets=budgets, policy=policy,
@@ -242,6 +249,8 @@ def handle_train(msg: Message, context: Context,
         lora_rank=site.lora_rank, accountant=policy.accountant, drift=out.drift)
     save_reply(replies, cfg.server_round, out.state, reply.metrics(), reply.status(),
                received)  # before it leaves
+    if secure:  # only the clipped, quantised, masked update leaves the site
+        return secagg.masked_reply(msg, context, reply, _received(msg), out.state)
     return reply.to_message(msg)
 
 
@@ -334,6 +343,19 @@ def build_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     @client_app.query(keys.QUERY_FISHER.split(".", 1)[1])
     def _fisher(msg: Message, context: Context) -> Message:
         return handle_fisher(msg, context, run_config)
+
+    # Secure aggregation's stages other than the train message (client/secagg.py).
+    @client_app.query(keys.QUERY_SECAGG_SETUP.split(".", 1)[1])
+    def _secagg_setup(msg: Message, context: Context) -> Message:
+        return secagg.handle_setup(msg, context)
+
+    @client_app.query(keys.QUERY_SECAGG_SHARE_KEYS.split(".", 1)[1])
+    def _secagg_share_keys(msg: Message, context: Context) -> Message:
+        return secagg.handle_share_keys(msg, context)
+
+    @client_app.query(keys.QUERY_SECAGG_UNMASK.split(".", 1)[1])
+    def _secagg_unmask(msg: Message, context: Context) -> Message:
+        return secagg.handle_unmask(msg, context)
 
     return client_app
 

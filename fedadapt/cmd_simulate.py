@@ -11,7 +11,7 @@ from fedadapt.argtypes import nonneg_float, positive_int
 from fedadapt.config import (CONTINUAL_METHODS, CONTINUAL_SCENARIOS, DEVICES, ConfigError,
                              RunConfig)
 from fedadapt.layout import ADAPTER_DIR, SUMMARY_JSON
-from fedadapt.names import STRATEGIES, WIRE_DTYPES
+from fedadapt.names import SECAGG_NOISES, STRATEGIES, WIRE_DTYPES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -87,6 +87,20 @@ def _add_run_args(p: argparse.ArgumentParser, d: RunConfig) -> None:
                    help=f"site-level noise multiplier z (default {d.site_noise_multiplier})")
     p.add_argument("--site-clip-norm", type=nonneg_float, default=d.site_clip_norm,
                    help=f"site-level clip norm S of each update (default {d.site_clip_norm})")
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="SecAgg+: the server sees only masked updates and their sum")
+    p.add_argument("--secagg-clip-norm", type=nonneg_float, default=d.secagg_clip_norm,
+                   help="L2 bound each site clips its update to before masking "
+                        f"(default {d.secagg_clip_norm})")
+    p.add_argument("--secagg-threshold", type=positive_int, default=d.secagg_threshold,
+                   help="shares needed to rebuild a dropped site's masks "
+                        f"(default {d.secagg_threshold})")
+    p.add_argument("--secagg-noise", choices=SECAGG_NOISES, default=d.secagg_noise,
+                   help="distributed DP: each site adds its share of integer noise "
+                        f"(default {d.secagg_noise})")
+    p.add_argument("--secagg-noise-multiplier", type=nonneg_float,
+                   default=d.secagg_noise_multiplier,
+                   help=f"z of distributed DP (default {d.secagg_noise_multiplier})")
     p.add_argument("--continual", choices=CONTINUAL_METHODS, default=d.continual,
                    help="continual-learning method for --scenario site-incremental or "
                    f"domain-incremental (default {d.continual})")
@@ -223,7 +237,11 @@ def _simulate(args: argparse.Namespace) -> int:
                     drift_monitor=args.drift_monitor, drift_alpha=args.drift_alpha,
                     drift_window=args.drift_window, drift_shift=args.drift_shift,
                     drift_shift_gain=args.drift_shift_gain,
-                    drift_shift_offset=args.drift_shift_offset)
+                    drift_shift_offset=args.drift_shift_offset,
+                    secure_aggregation=args.secure_aggregation,
+                    secagg_clip_norm=args.secagg_clip_norm,
+                    secagg_threshold=args.secagg_threshold, secagg_noise=args.secagg_noise,
+                    secagg_noise_multiplier=args.secagg_noise_multiplier)
     if args.scenario in CONTINUAL_SCENARIOS:
         rounds = (args.rounds if args.rounds != RunConfig().num_server_rounds
                   else 2 * args.phases)

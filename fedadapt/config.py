@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from fedadapt.names import STRATEGIES, WIRE_DTYPES
+from fedadapt.names import SECAGG_NOISES, SECAGG_STRATEGIES, STRATEGIES, WIRE_DTYPES
 
 DEVICES = ("auto", "cpu", "cuda")
 CONTINUAL_METHODS = ("naive", "ewc", "lwf", "replay", "olora")
@@ -103,6 +103,24 @@ class RunConfig:
             evaluation, a Fisher query); a site still silent then (online but hung) is
             recorded as failed and the round goes on without it. A dead site is noticed by
             Flower sooner (``NODE_UNAVAILABLE`` within ~60 s).
+        secure_aggregation: SecAgg+ (Bell et al., CCS 2020) on Flower's Message API: each
+            site clips, quantises and masks its adapter update; the server sees only masked
+            vectors and learns only their sum (``server.secagg``, ``client.secagg``).
+        secagg_clip_norm: L2 bound each site clips its own update (trained − received)
+            to before masking; also the quantiser's range per coordinate.
+        secagg_threshold: Shares needed to rebuild a site's mask secrets (t of SecAgg+):
+            at least 2; a round survives sites that drop after sharing keys while at
+            least this many of each site's neighbours answer the unmask stage.
+        secagg_num_shares: Neighbours (itself included) each site shares its secrets
+            with (SecAgg+'s k); 0: every sampled site (SecAgg's complete graph).
+        secagg_max_weight: Weighted FedAvg under secure aggregation: each site masks
+            ``w/secagg-max-weight × update`` and its weight factor (w = its example
+            count, which must not exceed this); 0: every site weighs 1.
+        secagg_noise: ``none`` or ``skellam``: each site adds its share of integer
+            Skellam noise before masking (distributed DP, Agarwal et al. NeurIPS 2021),
+            so the unmasked sum carries site-level DP, accounted by the server.
+        secagg_noise_multiplier: z of distributed DP: the std of the noise in the sum
+            of all sampled sites is z × the integer L2 sensitivity of one site.
         resume_from: A run directory whose ``checkpoint.pt`` (``server.checkpoint``) the
             server continues from, after its last completed round; empty for a fresh run.
         drift_monitor: Each site tests, in every training round, a window of its current
@@ -167,6 +185,13 @@ class RunConfig:
     mlflow: bool = False
     min_train_sites: int = 1
     round_timeout: float = 3600.0
+    secure_aggregation: bool = False
+    secagg_clip_norm: float = 1.0
+    secagg_threshold: int = 2
+    secagg_num_shares: int = 0
+    secagg_max_weight: int = 1000
+    secagg_noise: str = "none"
+    secagg_noise_multiplier: float = 1.0
     resume_from: str = ""
     drift_monitor: bool = False
     drift_alpha: float = 0.05
@@ -196,8 +221,7 @@ class RunConfig:
         need(self.device in DEVICES, "device", f"one of {', '.join(DEVICES)}")
         need(self.site_train_size >= 8, "site-train-size", "an integer >= 8")
         need(self.site_test_size >= 4, "site-test-size", "an integer >= 4")
-        need(self.image_size >= 16 and self.image_size % 4 == 0, "image-size",
-             "a multiple of 4, at least 16")
+        need(self.image_size >= 16 and self.image_size % 4 == 0, "image-size", "a multiple of 4, at least 16")
         if self.scenario and not self.is_continual:  # a scenario's own classes or labels
             need(self.num_classes >= 2, "num-classes", "an integer >= 2")
         else:
@@ -247,13 +271,14 @@ class RunConfig:
         need(self.backbone_weights in ("builtin", "random") or self.backbone_weights.lower()
              .endswith((".safetensors", ".pt", ".pth")), "backbone-weights",
              "'builtin', 'random' or a .safetensors/.pt/.pth file path")
-        if self.backbone_path:
-            need(self.backbone_weights in ("builtin", "random"), "backbone-weights",
-                 "left at its default with 'backbone-path' (the weights are the checkpoint's)")
+        need(not self.backbone_path or self.backbone_weights in ("builtin", "random"),
+             "backbone-weights",
+             "left at its default with 'backbone-path' (the weights are the checkpoint's)")
         self._check_drift(need)
         if self.dp and self.noise_multiplier == 0:
             errors.append("'noise-multiplier' is 0 while 'dp' is on: that is no privacy at all; "
                           "set a positive noise multiplier or turn DP off explicitly (--no-dp)")
+        errors.extend(self._secagg_errors())
         if errors:
             raise ConfigError("invalid run config:\n  " + "\n  ".join(errors))
 
@@ -268,6 +293,56 @@ class RunConfig:
                  "'SITE:ROUND' (a site name or partition index, a round >= 1), or empty")
             need(self.drift_monitor, "drift-shift",
                  "empty unless 'drift-monitor' is true (a shift nothing watches)")
+
+    def _secagg_errors(self) -> list[str]:
+        """Why the secure-aggregation keys do not fit together (empty if they do).
+
+        Secure aggregation hides every individual update from the server, so anything
+        that needs one is refused together with it rather than silently weakened."""
+        errors = []
+        if self.secagg_clip_norm <= 0:
+            errors.append(f"'secagg-clip-norm' must be a positive number, got "
+                          f"{self.secagg_clip_norm!r}")
+        if self.secagg_max_weight < 0:
+            errors.append(f"'secagg-max-weight' must be an integer >= 0, got "
+                          f"{self.secagg_max_weight!r}")
+        if self.secagg_noise not in SECAGG_NOISES:
+            errors.append(f"'secagg-noise' must be one of {', '.join(SECAGG_NOISES)}, got "
+                          f"{self.secagg_noise!r}")
+        if self.secagg_noise_multiplier <= 0:
+            errors.append(f"'secagg-noise-multiplier' must be a positive number, got "
+                          f"{self.secagg_noise_multiplier!r}")
+        if not self.secure_aggregation:
+            if self.secagg_noise != "none":
+                errors.append(f"'secagg-noise' = {self.secagg_noise!r} needs "
+                              "'secure-aggregation' = true (the noise shares only protect "
+                              "the sum)")
+            return errors
+        why = "needs each site's individual update, which secure aggregation hides"
+        if self.strategy not in SECAGG_STRATEGIES:
+            reason = why if self.strategy in ("exact", "median", "trimmed-mean") else \
+                "aggregates with a server optimiser not wired to secure aggregation"
+            errors.append(f"'strategy' = {self.strategy!r} {reason}; with "
+                          f"'secure-aggregation' use one of {', '.join(SECAGG_STRATEGIES)}")
+        if self.site_dp:
+            errors.append(f"'site-dp' (server-side clipping of each update) {why}; use "
+                          "'secagg-noise' = \"skellam\" for site-level DP with secure "
+                          "aggregation")
+        if self.is_continual:
+            errors.append(f"'scenario' = {self.scenario!r}: continual scenarios are not "
+                          "supported with 'secure-aggregation' yet")
+        if self.num_sites < 3:
+            errors.append(f"'secure-aggregation' needs 'num-sites' >= 3, got "
+                          f"{self.num_sites} (with 2, each site could subtract its own "
+                          "update from the sum)")
+        shares = self.secagg_num_shares or self.num_sites
+        if not 2 <= self.secagg_threshold <= min(shares, self.num_sites):
+            errors.append(f"'secagg-threshold' must be in 2..{min(shares, self.num_sites)} "
+                          f"(the shares each site makes), got {self.secagg_threshold}")
+        if self.secagg_num_shares and not 3 <= self.secagg_num_shares <= self.num_sites:
+            errors.append(f"'secagg-num-shares' must be 0 or in 3..num-sites="
+                          f"{self.num_sites}, got {self.secagg_num_shares}")
+        return errors
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "RunConfig":

@@ -38,6 +38,21 @@ FISHER: Final = "ewc-fisher"
 # (``ClientApp.query("ewc_fisher")``).
 QUERY_FISHER: Final = "query.ewc_fisher"
 
+# Secure aggregation (server.secagg, client.secagg): the ConfigRecord of each SecAgg+
+# stage (its fields are Flower's own ``secaggplus_constants.Key``), the Flower message
+# types of the stages that are queries (the masked-vector stage is the train message),
+# the site's protocol state in its Context, and the masked weight factor of a reply.
+SECAGG: Final = "secagg"
+QUERY_SECAGG_SETUP: Final = "query.secagg_setup"
+QUERY_SECAGG_SHARE_KEYS: Final = "query.secagg_share_keys"
+QUERY_SECAGG_UNMASK: Final = "query.secagg_unmask"
+SECAGG_STATE: Final = "fedadapt.secagg-state"
+SECAGG_FACTOR: Final = "secagg-factor"  # ArrayRecord: the masked weight factor
+SECAGG_SEED_DIGEST: Final = "seed-sha256"  # share-keys reply: sha256 of the mask seed
+SECAGG_NOISE: Final = "noise"  # setup: "none" or "skellam"
+SECAGG_NOISE_VARIANCE: Final = "noise-variance"  # setup: each site's Skellam variance
+SECAGG_CLIP_NORM: Final = "clip-norm"  # setup: the L2 bound of each site's update
+
 # --- MetricRecord replied by a site ----------------------------------------------
 NUM_EXAMPLES: Final = "num-examples"  # Flower's default weighting key
 TRAIN_LOSS: Final = "train-loss"

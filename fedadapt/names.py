@@ -11,3 +11,11 @@ STRATEGIES: Final = ("fedavg", "ffa-lora", "exact", "median", "trimmed-mean", "f
 
 # dtypes adapter tensors may travel in (``RunConfig.wire_dtype``, :mod:`strategies.wire`).
 WIRE_DTYPES: Final = ("float32", "bfloat16", "float16")
+
+# Strategies whose aggregate is a (weighted) sum of the sites' updates, so that secure
+# aggregation can compute it without seeing any one of them (``secure-aggregation``).
+SECAGG_STRATEGIES: Final = ("fedavg", "ffa-lora", "fedprox")
+
+# Integer noise each site may add under secure aggregation (``secagg-noise``): none, or
+# its share of Skellam noise (Agarwal, Kairouz & Liu, NeurIPS 2021).
+SECAGG_NOISES: Final = ("none", "skellam")

@@ -49,6 +49,7 @@ def summarise(fed: Federation, st: RoundState, adapter: Path,
         run_dir=str(fed.run_dir), started=timestamp(fed.started),
         duration_s=round(time.time() - fed.started, 3), config=cfg.to_mapping(),
         privacy=privacy_section(cfg, log, strategy.site_level_report() if cfg.site_dp
+                                else None, st.distributed.report() if st.distributed
                                 else None),
         stopped_early=st.stopped, cross_site=cross,
         continual=st.tracker.section(fed.run_dir) if st.tracker is not None else None,

@@ -29,10 +29,13 @@ from fedadapt.server.exchange import exchange, go_on_without_dead_sites
 from fedadapt.server.progress import Progress
 from fedadapt.server.record import RoundLog, RunLog, payload_bytes
 from fedadapt.server.rundir import run_key
+from fedadapt.server import secagg
+from fedadapt.privacy.distributed_dp import SkellamAccountant
+from fedadapt.privacy.secagg import SecAggError
 from fedadapt.server.tracking import track_round
 from fedadapt.strategies.factory import build_strategy, freezes_lora_a
 from fedadapt.strategies.lora_math import LORA_A
-from fedadapt.strategies.wire import decode, encode_messages, format_problem
+from fedadapt.strategies.wire import decode, encode, encode_messages, format_problem
 from fedadapt.imaging.run_spec import run_model_spec
 
 
@@ -98,6 +101,8 @@ class RoundState:
         tracker: The continual bookkeeping (accuracy matrix R), or None.
         fisher: Site-incremental EWC: the running sum of earlier phases' DP Fishers.
         stopped: Why the run stopped early, or ''.
+        distributed: Secure aggregation with ``secagg-noise``: the site-level accountant
+            of the unmasked sums, or None.
     """
 
     arrays: ArrayRecord
@@ -110,6 +115,10 @@ class RoundState:
     tracker: ContinualTracker | None = None
     fisher: dict[str, torch.Tensor] | None = None
     stopped: str = ""
+    distributed: SkellamAccountant | None = None
+
+
+SECAGG_DP = "secagg_dp"  # checkpoint extra: the distributed-DP releases so far
 
 
 def backbone_digest(cfg: RunConfig) -> str:
@@ -148,6 +157,10 @@ def start(grid: Grid, cfg: RunConfig, run_dir: Path) -> tuple[Federation, RoundS
             st.unevaluated = ck.round
     if st.tracker is not None:  # site-incremental ewc: the phases' DP Fishers so far
         st.fisher = st.tracker.fisher(run_dir)
+    if cfg.secure_aggregation and cfg.secagg_noise != "none":
+        st.distributed = SkellamAccountant(cfg.secagg_noise_multiplier, cfg.delta)
+        if cfg.resume_from:  # ε composes across a resume
+            st.distributed.releases = list(ck.extra.get(SECAGG_DP, []))
     return fed, st
 
 
@@ -185,7 +198,8 @@ def send_train(fed: Federation, st: RoundState, rlog: RoundLog,
 def sort_train_replies(fed: Federation, st: RoundState, rlog: RoundLog,
                        replies: list[Message]) -> list[Message]:
     """Record each reply (trained, refused, idle or failed); the trained ones, as they came
-    (validation checks their wire dtype and decodes)."""
+    (validation checks their wire dtype and decodes). Under secure aggregation a trained
+    reply holds a masked vector: nothing is kept for cross-site evaluation."""
     good = []
     for reply in replies:
         state = reply_state(reply)
@@ -193,6 +207,8 @@ def sort_train_replies(fed: Federation, st: RoundState, rlog: RoundLog,
             st.log.trained(rlog, reply)  # counts the bytes as they came
             good.append(reply)
             update = reply.content[keys.ARRAYS]
+            if fed.cfg.secure_aggregation:
+                continue
             if format_problem(update, fed.cfg.wire_dtype) is None:  # for cross-site eval
                 st.last_local[st.log.site_of(reply)] = ArrayRecord(decode(update))
         elif state == keys.STATE_REFUSED:
@@ -216,6 +232,52 @@ def aggregate(fed: Federation, st: RoundState, rnd: int, rlog: RoundLog,
     rlog.rejected.extend(getattr(fed.strategy, "rejected", {}).get(rnd, []))
     if new_arrays is not None:
         st.arrays = new_arrays
+
+
+def secure_round(fed: Federation, st: RoundState, rnd: int, rlog: RoundLog,
+                 messages: list[Message]) -> None:
+    """Train and aggregate round ``rnd`` under SecAgg+ (:mod:`server.secagg`): setup and
+    share keys, the train messages with the forwarded shares, unmask, the mean update.
+
+    A failure of the protocol (too few sites, shares that cannot rebuild a secret) fails
+    the round like too few trained sites do: recorded, global adapter unchanged."""
+    cfg = fed.cfg
+
+    def send(msgs: list[Message], stage: str) -> list[Message]:
+        rlog.bytes_down += sum(secagg.record_bytes(m.content[keys.SECAGG]) for m in msgs)
+        replies = exchange(fed.grid, msgs, rlog, stage, st.node_sites, cfg.round_timeout)
+        rlog.bytes_up += sum(secagg.record_bytes(r.content[keys.SECAGG]) for r in replies)
+        return replies
+
+    def fail(reason: str) -> None:
+        rlog.failures.append({"node_id": None, "stage": "round", "reason": reason})
+
+    # What the sites received (16-bit transport rounds it): the mean update is added to it.
+    base = decode(encode(st.arrays, cfg.wire_dtype))
+    try:
+        session = secagg.new_session(cfg, rnd, base, [m.metadata.dst_node_id for m in messages])
+    except SecAggError as err:
+        return fail(f"secure aggregation: {err}; global adapter not updated")
+    try:
+        secagg.setup(session, send, cfg)
+        secagg.share_keys(session, send)
+        trained = sort_train_replies(fed, st, rlog, send_train(
+            fed, st, rlog, [secagg.attach(m, session) for m in messages
+                            if m.metadata.dst_node_id in session.shared]))
+        total, active = secagg.collect(session, trained)
+        fewest = max(cfg.min_train_sites, cfg.secagg_threshold)
+        if total is None or len(active) < fewest:
+            raise SecAggError(f"{len(active)} masked update(s), fewer than max("
+                              f"min-train-sites, secagg-threshold)={fewest}; nothing unmasked")
+        mean, n = secagg.unmask(session, send, total, active)
+    except SecAggError as err:
+        return fail(f"secure aggregation: {err}; global adapter not updated")
+    finally:
+        rlog.rejected.extend(session.rejected)
+    st.arrays = ArrayRecord({name: base[name] + mean[name] for name in session.names})
+    if st.distributed is not None:
+        st.distributed.record(rnd, num_sites=n, l2=session.sensitivity[0],
+                              l1=session.sensitivity[1], site_var=session.noise_variance)
 
 
 def evaluate(fed: Federation, st: RoundState, rnd: int, rlog: RoundLog) -> list[Message]:
@@ -268,6 +330,8 @@ def checkpoint(fed: Federation, st: RoundState, rnd: int, *, evaluated: bool) ->
     """Write the checkpoint after ``rnd``: before its evaluation (``evaluated`` False: the
     sites have spent for it, so a crash from here resumes after it) or after."""
     extra: dict[str, Any] = {NODE_SITES: st.node_sites}
+    if st.distributed is not None:
+        extra[SECAGG_DP] = st.distributed.releases
     if not evaluated:
         extra[EVALUATED] = False
     elif st.tracker is not None:
@@ -296,8 +360,11 @@ def run_round(fed: Federation, st: RoundState, rnd: int, progress: Progress) -> 
         st.stopped = f"every site's privacy budget was spent before round {rnd}"
         st.log.rounds.pop()
         return False
-    replies = send_train(fed, st, rlog, messages)
-    aggregate(fed, st, rnd, rlog, sort_train_replies(fed, st, rlog, replies))
+    if fed.cfg.secure_aggregation:
+        secure_round(fed, st, rnd, rlog, messages)
+    else:
+        replies = send_train(fed, st, rlog, messages)
+        aggregate(fed, st, rnd, rlog, sort_train_replies(fed, st, rlog, replies))
     if st.tracker is None:
         checkpoint(fed, st, rnd, evaluated=False)
     continual_step(fed, st, rnd, evaluate(fed, st, rnd, rlog))

@@ -43,6 +43,9 @@ class PrivacySection:
     note: str = _doc("where ε is accounted", default=PRIVACY_NOTE)
     refusals: list[dict[str, Any]] = _doc("every structured refusal of every round")
     site_level: dict[str, Any] | None = _doc("server-side site-level DP report, or null")
+    secure_aggregation: dict[str, Any] | None = _doc(
+        "secure aggregation's settings and, with 'secagg-noise', the site-level ε of the "
+        "unmasked sums (distributed DP), or null", default=None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,15 +145,29 @@ def drift_section(cfg: RunConfig, log: RunLog) -> DriftSection | None:
                        for e in rs if e["alert"]), key=lambda a: (a["round"], a["site"])))
 
 
-def privacy_section(cfg: RunConfig, log: RunLog, site_level: dict[str, Any] | None
-                    ) -> PrivacySection:
-    """The ``privacy`` block from the run config and what the sites reported."""
+def secagg_section(cfg: RunConfig, distributed: dict[str, Any] | None
+                   ) -> dict[str, Any] | None:
+    """The ``privacy.secure_aggregation`` block (None without secure aggregation)."""
+    if not cfg.secure_aggregation:
+        return None
+    return {"protocol": "secagg+", "threshold": cfg.secagg_threshold,
+            "num_shares": cfg.secagg_num_shares or cfg.num_sites,
+            "clip_norm": cfg.secagg_clip_norm, "max_weight": cfg.secagg_max_weight,
+            "noise": cfg.secagg_noise, "server_sees": "masked vectors, their sum, shares",
+            "distributed_dp": distributed}
+
+
+def privacy_section(cfg: RunConfig, log: RunLog, site_level: dict[str, Any] | None,
+                    distributed: dict[str, Any] | None = None) -> PrivacySection:
+    """The ``privacy`` block from the run config and what the sites reported (and, under
+    secure aggregation with ``secagg-noise``, the server's distributed-DP report)."""
     accountants = sorted({str(i["accountant"]) for i in log.sites.values() if "accountant" in i})
     return PrivacySection(dp=cfg.dp, accountant=", ".join(accountants) or "none",
                           noise_multiplier=cfg.noise_multiplier if cfg.dp else 0.0,
                           max_grad_norm=cfg.max_grad_norm,
                           refusals=[r for rl in log.rounds for r in rl.refusals],
-                          site_level=site_level)
+                          site_level=site_level,
+                          secure_aggregation=secagg_section(cfg, distributed))
 
 
 def timestamp(started: float) -> str:

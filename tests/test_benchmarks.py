@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["bench_aggregation.py", "bench_dp_overhead.py", "bench_runtime_overhead.py",
+           "bench_secagg.py",
            # one real Flower simulation each; bench_scale reads its round times back from
            # the run's TensorBoard events, so it also checks server.tracking end to end
            "bench_utility.py", "bench_scale.py"]

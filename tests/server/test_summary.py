@@ -26,8 +26,11 @@ def _summary() -> Summary:
 def test_summary_json_has_schema_1_keys_in_order() -> None:
     doc = _summary().to_json()
     assert list(doc) == TOP and doc["schema"] == SCHEMA == "fedadapt.summary/1"
+    # schema 1's keys in their order, then the later additions (secure aggregation)
     assert list(doc["privacy"]) == ["unit", "dp", "accountant", "noise_multiplier",
-                                    "max_grad_norm", "note", "refusals", "site_level"]
+                                    "max_grad_norm", "note", "refusals", "site_level",
+                                    "secure_aggregation"]
+    assert doc["privacy"]["secure_aggregation"] is None
     assert doc["privacy"]["unit"] == "record" and doc["privacy"]["accountant"] == "none"
     assert doc["wire"] == {"tensor_names": ["a"], "num_tensors": 1, "dtype": "float32",
                            "bytes_per_direction_per_site": 16}
