@@ -11,7 +11,7 @@ PyTorch's expanded weights (``"ew"``) when every trainable tensor is the weight 
 of a plain ``nn.Linear`` (LoRA factors, a linear head) and the model is on the CPU, else
 per-module hooks (``"hooks"``). Both give the exact per-sample gradients (pinned against
 per-example autograd in ``tests/grad_check.py``); expanded weights skip the full backward
-hooks and the per-module Python of ``"hooks"``, about two thirds of the DP step's
+hooks and the per-module Python of ``"hooks"``, about 60 % of the DP step's
 overhead on the default model (BENCHMARKS.md, "DP overhead"). Expanded weights do not
 support autocast (bf16 activations meet fp32 weights in their backward) nor empty
 batches, so CUDA (where ``amp`` applies) keeps hooks, and :func:`empty_batch` stands in
@@ -51,6 +51,10 @@ class DPRequest:
         if not 0 < self.max_grad_norm < math.inf:
             raise ValueError(f"max_grad_norm must be finite and > 0, got "
                              f"{self.max_grad_norm}")
+
+
+#: The Opacus per-sample-gradient modes ``make_private`` wires (both exact).
+GRAD_SAMPLE_MODES = ("hooks", "ew")
 
 
 def grad_sample_mode(model: nn.Module) -> str:
@@ -111,6 +115,10 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Dat
         per-sample gradients come from :func:`grad_sample_mode`'s mode. On an empty
         batch call :func:`empty_batch` instead of the forward and backward passes.
     """
+    if mode not in (None, *GRAD_SAMPLE_MODES):
+        raise ValueError(f"make_private: mode {mode!r} is not one of {GRAD_SAMPLE_MODES} "
+                         "(None picks grad_sample_mode(model)); ghost clipping needs its "
+                         "own loss wrapper and is not wired here")
     engine = PrivacyEngine(accountant="rdp")
     return engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader,

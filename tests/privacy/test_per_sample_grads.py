@@ -6,6 +6,7 @@ Opacus modes ``privacy.dp`` uses (expanded weights on the CPU, hooks otherwise),
 DP-SGD trains to the same tensors in either.
 """
 
+import pytest
 import torch
 
 from fedadapt.imaging.backbones import ModelSpec, build_model, load_trainable
@@ -48,6 +49,9 @@ def test_make_private_picks_expanded_weights_for_linear_adapters_on_cpu():
                              generator=torch.Generator().manual_seed(0))
     assert type(net) is GradSampleModule
     net._close()
+    with pytest.raises(ValueError, match="mode 'ghost' is not one of"):
+        make_private(model, opt, loader, request=DPRequest(1.0, 1.0),
+                     generator=torch.Generator().manual_seed(0), mode="ghost")
 
 
 def test_dp_sgd_is_the_same_with_expanded_weights_and_hooks():
