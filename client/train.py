@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedadapt.continual.penalty import penalty_step
 from fedadapt.imaging.tasks import SCORE, Loss, TaskScores, task_loss
-from fedadapt.privacy.dp import DPRequest, Wiring, make_private
+from fedadapt.privacy.dp import DPRequest, Wiring, empty_batch, make_private
 
 
 @dataclass(frozen=True)
@@ -112,14 +112,17 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, amp):
-                logits = net(x)
-            # Poisson sampling can draw an empty batch: it is still a step, and Opacus
-            # still adds the noise; a zero loss gives it (0, ...)-shaped grad samples.
-            loss = loss_fn(logits.float(), y) if len(y) else logits.float().sum() * 0.0
-            if extra_loss is not None and len(y):
-                loss = loss + extra_loss(x, logits.float())
-            loss.backward()
+            if len(y):
+                with _autocast(device, amp):
+                    logits = net(x)
+                loss = loss_fn(logits.float(), y)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(x, logits.float())
+                loss.backward()
+            else:  # an empty batch, drawn by Poisson sampling (DP only): still a step,
+                # and Opacus still adds the noise, to no per-sample gradient at all
+                empty_batch(optimizer)  # type: ignore[arg-type]
+                loss = torch.zeros(())
             optimizer.step()
             if anchor:
                 with torch.no_grad():
@@ -130,7 +133,7 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
             steps += 1
             total += loss.item()
     if dp is not None:
-        net._close()  # remove Opacus hooks: the model is reused by the caller
+        net._close()  # remove Opacus hooks/attributes: the model is reused by the caller
     return TrainResult(loss=total / max(steps, 1), steps=steps, sample_rate=sample_rate,
                        num_examples=n)
 

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 from fedadapt.config import RunConfig
 from fedadapt.privacy import canaries as cn
 from fedadapt.privacy.accounting import ACCOUNTANTS
-from fedadapt.privacy.dp import DPRequest
+from fedadapt.privacy.dp import DPRequest, grad_sample_mode
 from fedadapt.privacy.policy import SitePolicy
 
 BROKEN = ("none", "noise-zero", "no-clip", "fixed-batch")
@@ -128,11 +128,13 @@ class AuditConfig:
 def fixed_batches(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *,
                   request: DPRequest, generator: torch.Generator
                   ) -> tuple[GradSampleModule, DPOptimizer, DataLoader]:
-    """``--broken fixed-batch``: ``privacy.dp.make_private`` without Poisson sampling."""
+    """``--broken fixed-batch``: ``privacy.dp.make_private`` without Poisson sampling
+    (the same per-sample-gradient mode, ``privacy.dp.grad_sample_mode``)."""
     return PrivacyEngine(accountant="rdp").make_private(
         module=model, optimizer=optimizer, data_loader=loader,
         noise_multiplier=request.noise_multiplier, max_grad_norm=request.max_grad_norm,
-        poisson_sampling=False, noise_generator=generator)
+        poisson_sampling=False, noise_generator=generator,
+        grad_sample_mode=grad_sample_mode(model))
 
 
 @dataclass(frozen=True)

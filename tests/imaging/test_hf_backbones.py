@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from fedadapt.imaging.backbones import ModelSpec, build_model, is_adapter_or_head
 from fedadapt.imaging.local import check_digest, checkpoint_sha256
 from fedadapt.imaging.weights import CheckpointError
+from fedadapt.privacy.dp import grad_sample_mode
 from tests.grad_check import assert_grad_samples_match_autograd, randomise_lora_b
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -56,6 +57,7 @@ def _spec(folder, **kw):
 
 
 def _per_sample_matches_autograd(model, x, y):
+    assert grad_sample_mode(model) == "ew"  # LoRA + linear head: expanded weights on CPU
     randomise_lora_b(model)
     trainable = assert_grad_samples_match_autograd(model, x, y)
     assert any("lora_A" in n for n in trainable) and any("head" in n for n in trainable)

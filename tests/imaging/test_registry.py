@@ -7,6 +7,8 @@ from opacus import GradSampleModule
 from fedadapt.imaging.registry import REGISTRY, attach_peft, build_backbone, check_dp, get_backbone
 from fedadapt.imaging.weights import (TIMM_VIT_ALLOW_MISSING, TIMM_VIT_REMAP, CheckpointError,
                                 load_weights, save_weights)
+from fedadapt.privacy.dp import grad_sample_mode
+from tests.grad_check import assert_grad_samples_match_autograd, randomise_lora_b
 
 TINY = dict(img_size=(16, 16), num_layers=2, hidden_size=32, mlp_dim=64, num_heads=2)
 
@@ -87,20 +89,19 @@ def _per_sample_vs_autograd(model, x, y):
 
 
 def test_lora_per_sample_grads_exact_but_ia3_has_none_and_dora_breaks():
-    """LoRA: Opacus per-sample grads equal autograd. IA3: Opacus silently computes none
-    for the IA3 vectors (so DP-SGD could not clip them). DoRA: the hooks crash."""
+    """LoRA: Opacus per-sample grads equal autograd, in hooks mode and in the mode
+    ``privacy.dp`` trains with (expanded weights on the CPU; 2-D and 3-D ViT). IA3: Opacus
+    silently computes none for the IA3 vectors (so DP-SGD could not clip them). DoRA: the
+    hooks crash."""
     torch.manual_seed(0)
     x, y = torch.randn(3, 1, 16, 16), torch.tensor([0, 1, 2])
     one = {**TINY, "num_layers": 1}
-    lora = attach_peft(build_backbone("vit-2d", **one), "vit-2d", method="lora", rank=4)
-    with torch.no_grad():
-        for n, p in lora.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    expected, trainable = _per_sample_vs_autograd(lora, x, y)
-    for name, p in trainable:
-        for i in range(len(y)):
-            torch.testing.assert_close(p.grad_sample[i], expected[i][name], rtol=1e-4, atol=1e-6)
+    for name, xs in (("vit-2d", x), ("vit-3d", torch.randn(3, 1, 8, 8, 8))):
+        img = {**one, "img_size": tuple(xs.shape[2:])}
+        lora = attach_peft(build_backbone(name, **img), name, method="lora", rank=4)
+        assert grad_sample_mode(lora) == "ew"
+        randomise_lora_b(lora)
+        assert_grad_samples_match_autograd(lora, xs, y)
 
     ia3 = attach_peft(build_backbone("vit-2d", **one), "vit-2d", method="ia3")
     _, trainable = _per_sample_vs_autograd(ia3, x, y)
