@@ -83,7 +83,8 @@ SITES = ("a", "b", "c")
 def test_tls_run_of_three_sites_started_with_fedadapt_commands(tmp_path):
     """The README's commands end to end: certs, site folders, a TLS SuperLink with site
     authentication, three site SuperNodes, and a one-round run launched with ``flwr run``;
-    then one site restarts and a second run composes with the budget it already spent."""
+    then one site restarts and a second run, aggregated with secure aggregation (SecAgg+),
+    composes with the budget it already spent."""
     import json
     import math
 
@@ -133,9 +134,18 @@ def test_tls_run_of_three_sites_started_with_fedadapt_commands(tmp_path):
             time.sleep(1)
         fed.start_site("c", "supernode-c-restarted.log")
         fed.wait_joined(["supernode-c-restarted.log"])
-        run2 = fed.flwr("run", ".", CONNECTION, "--stream", "-c", overrides, timeout=600)
+        # The second run aggregates with SecAgg+ (issue 18): the same apps over TLS, the
+        # sites' masks and shares as Message API exchanges through the SuperLink.
+        run2 = fed.flwr("run", ".", CONNECTION, "--stream", "-c",
+                        overrides + " secure-aggregation=true", timeout=600)
         assert run2.returncode == 0 and len(list(out.glob("*/summary.json"))) == 2, \
             run2.stdout[-3000:] + run2.stderr[-2000:] + fed.logs()
+        secure = [json.loads(p.read_text()) for p in out.glob("*/summary.json")]
+        secure = [s for s in secure if s["config"].get("secure-aggregation")]
+        assert len(secure) == 1, fed.logs()
+        assert secure[0]["privacy"]["secure_aggregation"]["protocol"] == "secagg+"
+        assert sorted(secure[0]["rounds"][0]["train"]) == list(SITES), fed.logs()
+        assert not secure[0]["rounds"][0]["failures"], secure[0]["rounds"][0]
     finally:
         fed.stop()
     # Each site ran as itself (its own name from site.toml) ...
