@@ -26,7 +26,7 @@ model on its own split). The size-only baseline (``imaging.leakage``) is fitted 
 
     python benchmarks/bench_real.py [--side 64] [--rounds 10] [--seeds 0,1]
         [--epsilons 1,3,8,inf] [--backbones builtin,random] [--fraction 1.0]
-        [--lr 0.005] [--lr-dp 0.05] [--out results.json]
+        [--lr 0.005] [--lr-dp LR] [--out results.json]
 """
 
 from __future__ import annotations
