@@ -9,7 +9,11 @@ Arms, each with the same model (``imaging.backbones.build_model``: LoRA r=8 in b
   = training records), each site training with ``client.train.train`` (Opacus DP-SGD,
   record-level ε); one σ for all sites, the largest any site needs (as bench_utility);
 * **pooled**: every site's training split in one ``client.train.train`` run;
-* **local**: each site alone on its own split.
+* **local**: each site alone on its own split;
+* **federated-iid** (a control, not in the default ``--arms``): the same FedAvg over three
+  sites of the same sizes whose training records were shuffled across sites (each image
+  keeps its scanner shift), so the gap to *federated* is what label/scanner skew costs and
+  the gap to *pooled* is what FedAvg's averaging costs at the same budget.
 
 To fit a 2-core shared CPU this is *not* the Flower engine (bench_utility runs that):
 the federation is run in this process with the same site training function and the
@@ -20,9 +24,9 @@ Accuracy is on each site's held-out split, weighted by its size (local: each sit
 model on its own split). The size-only baseline (``imaging.leakage``) is fitted on the
 *raw* file sizes of the same training records and scored on the same held-out records.
 
-    python benchmarks/bench_real.py [--side 64] [--rounds 3] [--seeds 0,1]
+    python benchmarks/bench_real.py [--side 64] [--rounds 10] [--seeds 0,1]
         [--epsilons 1,3,8,inf] [--backbones builtin,random] [--fraction 1.0]
-        [--out results.json]
+        [--lr 0.005] [--lr-dp LR] [--out results.json]
 """
 
 from __future__ import annotations
@@ -104,9 +108,29 @@ def load(m: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 p.copy_(state[n])
 
 
+def shuffled(sites, seed: int):
+    """The sites' training records shuffled across sites (same sizes), tests unchanged."""
+    x = torch.cat([tr.tensors[0] for tr, _ in sites])
+    y = torch.cat([tr.tensors[1] for tr, _ in sites])
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    out, start = [], 0
+    for tr, te in sites:
+        idx = perm[start:start + len(tr)]
+        start += len(tr)
+        out.append((TensorDataset(x[idx], y[idx]), te))
+    return out
+
+
+def lr_for(eps: float, a: argparse.Namespace) -> float:
+    """``--lr`` without DP, ``--lr-dp`` (default: ``--lr``) with DP."""
+    return a.lr if eps == INF or a.lr_dp is None else a.lr_dp
+
+
 def run_arm(arm: str, make, sites, eps: float, a: argparse.Namespace) -> float:
     """Weighted held-out accuracy of one arm (``make()`` builds a fresh tail)."""
-    epochs, delta = a.rounds * a.local_epochs, 1e-5
+    epochs, delta, lr = a.rounds * a.local_epochs, 1e-5, lr_for(eps, a)
+    if arm == "federated-iid":
+        sites = shuffled(sites, a.seed)
     dev = torch.device("cpu")
     sizes = [len(tr) for tr, _ in sites]
     tests = [te for _, te in sites]
@@ -123,14 +147,14 @@ def run_arm(arm: str, make, sites, eps: float, a: argparse.Namespace) -> float:
     if arm == "pooled":
         m = make()
         pooled = ConcatDataset([tr for tr, _ in sites])
-        train(m, pooled, epochs=epochs, lr=a.lr, batch_size=a.batch, device=dev,
+        train(m, pooled, epochs=epochs, lr=lr, batch_size=a.batch, device=dev,
               seed=a.seed, dp=dp([len(pooled)]))
         accs = [acc(m, te) for te in tests]
     elif arm == "local":
         accs = []
         for i, (tr, te) in enumerate(sites):
             m = make()
-            train(m, tr, epochs=epochs, lr=a.lr, batch_size=a.batch, device=dev,
+            train(m, tr, epochs=epochs, lr=lr, batch_size=a.batch, device=dev,
                   seed=a.seed + 10 * i, dp=dp([len(tr)]))
             accs.append(acc(m, te))
     else:
@@ -140,7 +164,7 @@ def run_arm(arm: str, make, sites, eps: float, a: argparse.Namespace) -> float:
             glob, states = trainable(m), []
             for i, (tr, _) in enumerate(sites):
                 load(m, glob)
-                train(m, tr, epochs=a.local_epochs, lr=a.lr, batch_size=a.batch, device=dev,
+                train(m, tr, epochs=a.local_epochs, lr=lr, batch_size=a.batch, device=dev,
                       seed=a.seed + 1000 * rnd + 10 * i, dp=request)
                 states.append(trainable(m))
             total = sum(sizes)
@@ -153,11 +177,15 @@ def run_arm(arm: str, make, sites, eps: float, a: argparse.Namespace) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--side", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=0.005,
                    help="SGD lr (default 0.005: the pooled ImageNet features have norm ~70; "
                    "0.05 diverges without DP)")
+    p.add_argument("--lr-dp", type=float, default=None,
+                   help="SGD lr of the DP rows (default: --lr). Per-example clipping at "
+                   "--clip makes each DP step about lr x clip in size; over 10 rounds 0.05 "
+                   "collapsed pooled DP runs, so BENCHMARKS.md uses --lr for every row")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--seeds", default="0,1")
@@ -182,7 +210,9 @@ def main() -> None:
                             text=True).stdout.strip()
     head = {"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load": os.getloadavg(), "side": a.side, "rounds": a.rounds,
-            "local_epochs": a.local_epochs, "fraction": a.fraction, "lr": a.lr, "batch": a.batch, "clip": a.clip,
+            "local_epochs": a.local_epochs, "fraction": a.fraction,
+            "lr": a.lr, "lr_dp": a.lr_dp,
+            "batch": a.batch, "clip": a.clip,
             "train_sizes": [len(tr) for tr, _ in raw], "test_sizes": [len(te) for _, te in raw],
             "size_baseline": vars(base), "load_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps(head), flush=True)
@@ -206,6 +236,7 @@ def main() -> None:
                     t2 = time.perf_counter()
                     accuracy = run_arm(arm, make, sites, eps, a)
                     row = {"backbone": weights, "seed": seed, "eps": eps, "arm": arm,
+                           "lr": lr_for(eps, a),
                            "accuracy": round(accuracy, 4),
                            "seconds": round(time.perf_counter() - t2, 1),
                            "cache_s": round(cache_s, 1), "load": os.getloadavg()[0]}
