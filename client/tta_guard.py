@@ -64,16 +64,21 @@ class SafeguardCheck:
         return asdict(self)
 
 
-def split_holdout(images: torch.Tensor, fraction: float, seed: int = 0
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(stream, held back)``: a seeded random ``fraction`` of ``images`` is held back
-    (at least one image when ``fraction > 0`` and there are two or more); the stream keeps
-    its order. ``fraction = 0`` holds nothing back."""
-    n = images.shape[0]
+def holdout_mask(n: int, fraction: float, seed: int = 0) -> torch.Tensor:
+    """Which of ``n`` images are held back: a seeded random ``round(fraction · n)`` of
+    them (at least one when ``fraction > 0`` and ``n >= 2``, never all); ``(n,)`` bool."""
     k = min(n - 1, max(1, round(fraction * n))) if fraction > 0 and n >= 2 else 0
     gen = torch.Generator().manual_seed(seed)
     held = torch.zeros(n, dtype=torch.bool)
     held[torch.randperm(n, generator=gen)[:k]] = True
+    return held
+
+
+def split_holdout(images: torch.Tensor, fraction: float, seed: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(stream, held back)`` by :func:`holdout_mask`; both keep the images' order.
+    ``fraction = 0`` holds nothing back."""
+    held = holdout_mask(images.shape[0], fraction, seed)
     return images[~held], images[held]
 
 
