@@ -67,8 +67,9 @@ class TTAConfig:
         holdout_fraction: Share of the site's unlabelled images held back for the
             safeguard (never adapted on); 0 disables the safeguard.
         tolerance: The safeguard reverts when more than this share of the held-back
-            images the released model was confident on change class.
-        guard_confidence: "Confident" is entropy < ``guard_confidence · ln C``.
+            images change class.
+        guard_confidence: If set, count only the held-back images the released model is
+            confident on (entropy < ``guard_confidence · ln C``); None: all (default).
         max_entropy_increase: The safeguard also reverts when the held-back mean entropy
             rises by more than this (nats).
         check_every: Also check every this many stream batches (0: only at the end).
@@ -88,7 +89,7 @@ class TTAConfig:
     bn_prior: float = 0.0
     holdout_fraction: float = 0.2
     tolerance: float = 0.01
-    guard_confidence: float = 0.4
+    guard_confidence: float | None = None
     max_entropy_increase: float = 0.1
     check_every: int = 0
     holdout_seed: int = 0
@@ -105,7 +106,8 @@ class TTAConfig:
                   (0 <= self.bn_prior <= 1, "bn_prior", "in [0, 1]"),
                   (0 <= self.holdout_fraction < 1, "holdout_fraction", "in [0, 1)"),
                   (0 <= self.tolerance < 1, "tolerance", "in [0, 1)"),
-                  (self.guard_confidence > 0, "guard_confidence", "> 0"),
+                  (self.guard_confidence is None or self.guard_confidence > 0,
+                   "guard_confidence", "None or > 0"),
                   (self.max_entropy_increase >= 0, "max_entropy_increase", ">= 0"),
                   (self.check_every >= 0, "check_every", ">= 0")]
         bad = [f"TTAConfig.{k} must be {want}, got {getattr(self, k)!r}"
@@ -313,8 +315,9 @@ class SAR:
     def guard(self, released: torch.Tensor, holdout: list[torch.Tensor]) -> SafeguardCheck:
         """Compare with the released model's logits on the held-back images; revert on
         failure (``client.tta_guard``)."""
-        check = compare(released, predict(self.model, holdout),
-                        confident_below=self.cfg.guard_confidence * math.log(self.num_classes),
+        conf = self.cfg.guard_confidence
+        below = None if conf is None else conf * math.log(self.num_classes)
+        check = compare(released, predict(self.model, holdout), confident_below=below,
                         tolerance=self.cfg.tolerance,
                         max_entropy_increase=self.cfg.max_entropy_increase,
                         after_batches=self.stats.batches)
