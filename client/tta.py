@@ -236,7 +236,7 @@ class SAR:
         self.ema = None
         self.stats.resets += 1
 
-    def revert(self, check: SafeguardCheck) -> None:
+    def revert(self) -> None:
         """The safeguard failed: back to the released model, and stop adapting."""
         self.reset()
         self.stats.resets -= 1  # a revert is not an entropy-collapse reset
@@ -323,7 +323,7 @@ class SAR:
                         after_batches=self.stats.batches)
         self.stats.checks.append(check)
         if check.failed:
-            self.revert(check)
+            self.revert()
         return check
 
     def adapted_state(self) -> dict[str, torch.Tensor]:
