@@ -12,6 +12,15 @@ wrong). For few-class tasks a class-balance term (the entropy of the batch's mea
 prediction, as in SHOT, Liang et al. 2020) keeps entropy minimisation from pushing all
 predictions into one class.
 
+For BatchNorm backbones (EfficientNet-Lite0, whose BN is frozen during DP training)
+every BN layer is swapped at the site for a test-time BN (``client.tta_bn``): statistics
+re-estimated on the site's images (Schneider et al. 2020) and Tent on all BN affine
+parameters (Wang et al. 2021 adapt BN). The ViT (LayerNorm) path is SAR's, unchanged.
+
+A label-free safeguard, our addition (``client.tta_guard``), holds back part of the
+unlabelled images, never adapts on them, and reverts to the released weights when the
+adapted model's predictions there drift from the released model's beyond the tolerance.
+
 LoRA factors, the head and every other weight stay frozen; labels are never read.
 Everything runs at the site: nothing here sends anything anywhere.
 """
@@ -25,6 +34,12 @@ from typing import Iterable
 
 import torch
 from torch import nn
+
+from fedadapt.client.tta_bn import TTABatchNorm2d, convert_batchnorm, recalibrate, set_adapting
+from fedadapt.client.tta_guard import SafeguardCheck, compare, split_holdout
+
+__all__ = ["SAR", "TTAConfig", "adapt_stream", "entropy", "norm_parameters", "predict",
+           "sar_loss", "split_holdout"]
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
@@ -45,6 +60,20 @@ class TTAConfig:
             (SAR on ViT-B: 9 of 12 = 0.75); the final norm never adapts.
         balance_weight: Weight of the class-balance term (0 disables it).
         balance_max_classes: The class-balance term applies when C is at most this.
+        update_affine: Take gradient steps on the norm affine parameters (False: BN
+            statistics re-estimation only).
+        bn_prior: Weight of the released BN statistics mixed with the site's (0: the
+            site's only, as Tent; Schneider et al. 2020's N/(N+n)).
+        holdout_fraction: Share of the site's unlabelled images held back for the
+            safeguard (never adapted on); 0 disables the safeguard.
+        tolerance: The safeguard reverts when more than this share of the held-back
+            images change class.
+        guard_confidence: If set, count only the held-back images the released model is
+            confident on (entropy < ``guard_confidence · ln C``); None: all (default).
+        max_entropy_increase: The safeguard also reverts when the held-back mean entropy
+            rises by more than this (nats).
+        check_every: Also check every this many stream batches (0: only at the end).
+        holdout_seed: Seed of the held-back split.
     """
 
     lr: float = 1e-3
@@ -56,6 +85,14 @@ class TTAConfig:
     adapt_fraction: float = 0.75
     balance_weight: float = 1.0
     balance_max_classes: int = 10
+    update_affine: bool = True
+    bn_prior: float = 0.0
+    holdout_fraction: float = 0.2
+    tolerance: float = 0.01
+    guard_confidence: float | None = None
+    max_entropy_increase: float = 0.1
+    check_every: int = 0
+    holdout_seed: int = 0
 
     def __post_init__(self) -> None:
         checks = [(self.lr > 0, "lr", "> 0"), (0 <= self.momentum < 1, "momentum", "in [0, 1)"),
@@ -65,7 +102,14 @@ class TTAConfig:
                   (0 <= self.ema_momentum < 1, "ema_momentum", "in [0, 1)"),
                   (0 < self.adapt_fraction <= 1, "adapt_fraction", "in (0, 1]"),
                   (self.balance_weight >= 0, "balance_weight", ">= 0"),
-                  (self.balance_max_classes >= 2, "balance_max_classes", ">= 2")]
+                  (self.balance_max_classes >= 2, "balance_max_classes", ">= 2"),
+                  (0 <= self.bn_prior <= 1, "bn_prior", "in [0, 1]"),
+                  (0 <= self.holdout_fraction < 1, "holdout_fraction", "in [0, 1)"),
+                  (0 <= self.tolerance < 1, "tolerance", "in [0, 1)"),
+                  (self.guard_confidence is None or self.guard_confidence > 0,
+                   "guard_confidence", "None or > 0"),
+                  (self.max_entropy_increase >= 0, "max_entropy_increase", ">= 0"),
+                  (self.check_every >= 0, "check_every", ">= 0")]
         bad = [f"TTAConfig.{k} must be {want}, got {getattr(self, k)!r}"
                for ok, k, want in checks if not ok]
         if bad:
@@ -79,28 +123,37 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def norm_parameters(model: nn.Module, adapt_fraction: float) -> dict[str, nn.Parameter]:
-    """Freeze everything, then unfreeze the affine parameters of the norm layers in the
-    first ``ceil(adapt_fraction * blocks)`` blocks (``...blocks.<i>...``).
+    """Freeze everything, then unfreeze the norm affine parameters that adapt.
+
+    A model with test-time BatchNorm (:func:`client.tta_bn.convert_batchnorm`): every BN
+    layer's ``weight``/``bias`` (Tent). Otherwise (a transformer): the norm layers in the
+    first ``ceil(adapt_fraction * blocks)`` numbered ``...blocks.<i>...`` (SAR).
 
     Returns:
         The adapted parameters by name.
 
     Raises:
-        ValueError: If the model has no norm layer inside numbered ``blocks``.
+        ValueError: If the model has neither test-time BN nor a norm layer inside
+            numbered ``blocks``.
     """
+    bn = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, TTABatchNorm2d)]
     norms = [(name, int(m.group(1)), mod) for name, mod in model.named_modules()
              if isinstance(mod, NORM_TYPES) and (m := _BLOCK.search(name + "."))]
-    if not norms:
-        raise ValueError("test-time adaptation found no LayerNorm/BatchNorm/GroupNorm inside "
-                         "numbered 'blocks.<i>' of the model; it adapts a transformer's "
-                         "block norms (MONAI ViT/UNETR)")
-    cut = math.ceil(adapt_fraction * (max(i for _, i, _ in norms) + 1))
+    if not bn and not norms:
+        raise ValueError("test-time adaptation found no BatchNorm and no LayerNorm/GroupNorm "
+                         "inside numbered 'blocks.<i>' of the model; it adapts a "
+                         "transformer's block norms (MONAI ViT/UNETR) or a BatchNorm CNN")
     for p in model.parameters():
         p.requires_grad_(False)
+    if bn:
+        chosen = [mod for _, mod in bn]
+        names = [name for name, _ in bn]
+    else:
+        cut = math.ceil(adapt_fraction * (max(i for _, i, _ in norms) + 1))
+        chosen = [mod for _, i, mod in norms if i < cut]
+        names = [name for name, i, _ in norms if i < cut]
     out: dict[str, nn.Parameter] = {}
-    for name, i, mod in norms:
-        if i >= cut:
-            continue
+    for name, mod in zip(names, chosen):
         for pname, p in mod.named_parameters(recurse=False):
             p.requires_grad_(True)
             out[f"{name}.{pname}"] = p
@@ -135,22 +188,30 @@ class TTAStats:
     samples: int = 0
     reliable: int = 0
     ema: list[float] = field(default_factory=list)
+    checks: list[SafeguardCheck] = field(default_factory=list)
+    reverted: bool = False
 
     def to_dict(self) -> dict:
+        last = self.checks[-1] if self.checks else None
         return {"batches": self.batches, "updates": self.updates, "resets": self.resets,
                 "samples": self.samples, "reliable_fraction": self.reliable / max(self.samples, 1),
-                "final_entropy_ema": self.ema[-1] if self.ema else None}
+                "final_entropy_ema": self.ema[-1] if self.ema else None,
+                "safeguard_reverted": self.reverted,
+                "safeguard": last.to_dict() if last else None,
+                "safeguard_checks": len(self.checks)}
 
 
 class SAR:
-    """Online SAR adaptation of a model's early/middle block norms.
+    """Online SAR/Tent adaptation of a model's norms.
 
     ``step(x)`` returns the predictions for ``x`` made *before* adapting on it (the
-    online protocol of Tent/SAR), then takes one sharpness-aware step on it.
+    online protocol of Tent/SAR), then takes one sharpness-aware step on it. BatchNorm
+    layers are converted to test-time BN in place (``client.tta_bn``).
     """
 
     def __init__(self, model: nn.Module, num_classes: int, cfg: TTAConfig = TTAConfig()) -> None:
         self.model, self.cfg, self.num_classes = model.eval(), cfg, num_classes
+        self.bn = convert_batchnorm(model, cfg.bn_prior)
         self.params = norm_parameters(model, cfg.adapt_fraction)
         self.margin = cfg.entropy_margin * math.log(num_classes)
         self.balance = cfg.balance_weight if num_classes <= cfg.balance_max_classes else 0.0
@@ -158,19 +219,28 @@ class SAR:
         self.stats = TTAStats()
         self._new_optimizer()
         self.ema: float | None = None
+        self.stopped = False  # set when the safeguard reverted: no further adaptation
 
     def _new_optimizer(self) -> None:
         self.opt = torch.optim.SGD(list(self.params.values()), lr=self.cfg.lr,
                                    momentum=self.cfg.momentum)
 
     def reset(self) -> None:
-        """Back to the released weights, with a fresh optimiser and EMA."""
+        """Back to the released weights (and BN statistics), fresh optimiser and EMA."""
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(self._released[n])
+        for layer in self.bn.values():
+            layer.release()
         self._new_optimizer()
         self.ema = None
         self.stats.resets += 1
+
+    def revert(self) -> None:
+        """The safeguard failed: back to the released model, and stop adapting."""
+        self.reset()
+        self.stats.resets -= 1  # a revert is not an entropy-collapse reset
+        self.stats.reverted, self.stopped = True, True
 
     def _perturb(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """SAM's ascent: move each parameter by ρ g/‖g‖ (returns what to undo)."""
@@ -191,8 +261,26 @@ class SAR:
         """Predict ``x`` (B, ...) -> logits (B, C), then adapt on it."""
         self.stats.batches += 1
         self.stats.samples += x.shape[0]
+        if self.stopped:
+            with torch.no_grad():
+                return self.model(x)
+        if not self.cfg.update_affine:  # BN statistics only
+            set_adapting(self.bn, True, track=True)
+            try:
+                with torch.no_grad():
+                    return self.model(x)
+            finally:
+                set_adapting(self.bn, False)
+        set_adapting(self.bn, True, track=True)
+        try:
+            return self._sar_step(x)
+        finally:
+            set_adapting(self.bn, False)
+
+    def _sar_step(self, x: torch.Tensor) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
         logits = self.model(x)
+        set_adapting(self.bn, True, track=False)  # SAM's second pass: no double count
         loss, keep = sar_loss(logits, margin=self.margin, balance_weight=self.balance)
         self.stats.reliable += int(keep.sum())
         if loss is None:
@@ -219,20 +307,58 @@ class SAR:
                 self.reset()
         return logits.detach()
 
+    def finish(self, batches: list[torch.Tensor]) -> None:
+        """Re-estimate the BN statistics over the stream under the final affine map."""
+        if self.bn and not self.stopped:
+            recalibrate(self.model, self.bn, batches)
+
+    def guard(self, released: torch.Tensor, holdout: list[torch.Tensor]) -> SafeguardCheck:
+        """Compare with the released model's logits on the held-back images; revert on
+        failure (``client.tta_guard``)."""
+        conf = self.cfg.guard_confidence
+        below = None if conf is None else conf * math.log(self.num_classes)
+        check = compare(released, predict(self.model, holdout), confident_below=below,
+                        tolerance=self.cfg.tolerance,
+                        max_entropy_increase=self.cfg.max_entropy_increase,
+                        after_batches=self.stats.batches)
+        self.stats.checks.append(check)
+        if check.failed:
+            self.revert()
+        return check
+
     def adapted_state(self) -> dict[str, torch.Tensor]:
-        """The adapted norm parameters (they stay at the site)."""
-        return {n: p.detach().cpu().clone() for n, p in self.params.items()}
+        """The adapted norm parameters and BN statistics (they stay at the site)."""
+        out = {n: p.detach().cpu().clone() for n, p in self.params.items()}
+        for name, layer in self.bn.items():
+            out[f"{name}.running_mean"] = layer.running_mean.detach().cpu().clone()
+            out[f"{name}.running_var"] = layer.running_var.detach().cpu().clone()
+        return out
 
 
 def adapt_stream(model: nn.Module, batches: Iterable[torch.Tensor], *, num_classes: int,
-                 cfg: TTAConfig = TTAConfig()) -> tuple[torch.Tensor, SAR]:
-    """Adapt online over unlabelled batches.
+                 cfg: TTAConfig = TTAConfig(), holdout: torch.Tensor | None = None,
+                 batch_size: int = 64) -> tuple[torch.Tensor, SAR]:
+    """Adapt online over unlabelled batches, guarded by the held-back images ``holdout``
+    (never adapted on; ``None``: no safeguard). BN statistics are re-estimated over the
+    stream at the end; then the safeguard compares with the released model.
 
     Returns:
         ``(logits of every sample, made before adapting on its batch (N, C), the SAR state)``.
     """
+    batches = list(batches)
     sar = SAR(model, num_classes, cfg)
-    outs = [sar.step(x) for x in batches]
+    held = list(torch.split(holdout, batch_size)) if holdout is not None and len(holdout) else []
+    released = predict(model, held) if held else None  # before any update
+    outs = []
+    for i, x in enumerate(batches):
+        outs.append(sar.step(x))
+        if released is not None and cfg.check_every and (i + 1) % cfg.check_every == 0 \
+                and not sar.stopped and i + 1 < len(batches):
+            sar.finish(batches[:i + 1])
+            sar.guard(released, held)
+    sar.finish(batches)
+    if released is not None and not sar.stopped:
+        sar.guard(released, held)
     return torch.cat(outs), sar
 
 

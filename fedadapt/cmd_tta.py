@@ -10,11 +10,17 @@ training images from its ``site.toml`` are read without their labels; with
 ``--synthetic-shift`` a simulated site with that scanner is generated (labels are kept
 aside only to report accuracy before and after). The adapted norm parameters are
 written to ``--out`` at the site; nothing is sent anywhere.
+
+Safeguard (``client.tta_guard``, our addition): ``--holdout-fraction`` of the images is
+held back and never adapted on; if, after adaptation, more than ``--tolerance`` of those
+the released model was confident on change class (or their mean entropy rises), the
+released weights are restored and the report says ``safeguard_reverted: true`` and why.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -36,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--public-key", default=None, help="expected signer of the bundle")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=None, help="SGD lr (default: TTAConfig's)")
+    p.add_argument("--holdout-fraction", type=float, default=None,
+                   help="share of the images held back for the safeguard (default 0.2; "
+                   "0 disables it)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="revert when more than this share of confident held-back images "
+                   "change class (default 0.01)")
     p.add_argument("--out", default=None, help="write the adapted norm parameters here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_tta)
@@ -93,7 +105,8 @@ def _site_images(site_dir: str, run_config: dict) -> TensorDataset:
 def run_tta(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from fedadapt.client.tta import TTAConfig, adapt_stream, predict
+    from fedadapt.client.tta import TTAConfig, adapt_stream, predict, split_holdout
+    from fedadapt.client.tta_guard import holdout_mask
 
     model, spec, run_config = load_released(args.bundle, public_key=args.public_key)
     data = (_site_images(args.site_dir, run_config) if args.site_dir else
@@ -101,17 +114,25 @@ def run_tta(args: argparse.Namespace) -> int:
     images = data.tensors[0]
     batches = list(torch.split(images, args.batch_size))
     before = predict(model, batches)
-    cfg = TTAConfig() if args.lr is None else TTAConfig(lr=args.lr)
-    online, sar = adapt_stream(model, batches, num_classes=spec.num_classes, cfg=cfg)
+    given = {"lr": args.lr, "holdout_fraction": args.holdout_fraction,
+             "tolerance": args.tolerance}
+    cfg = dataclasses.replace(TTAConfig(), **{k: v for k, v in given.items() if v is not None})
+    stream, held = split_holdout(images, cfg.holdout_fraction, cfg.holdout_seed)
+    online, sar = adapt_stream(model, list(torch.split(stream, args.batch_size)),
+                               num_classes=spec.num_classes, cfg=cfg, holdout=held,
+                               batch_size=args.batch_size)
     after = predict(model, batches)
-    report = {"images": len(images), **sar.stats.to_dict()}
+    report = {"images": len(images), "held_back": len(held), **sar.stats.to_dict()}
     if args.synthetic_shift:  # a simulation: labels exist, used only for this report
         y = data.tensors[1]
-        report.update({f"accuracy_{k}": float((v.argmax(1) == y).float().mean())
-                       for k, v in (("before", before), ("online", online), ("after", after))})
+        keep = ~holdout_mask(len(images), cfg.holdout_fraction, cfg.holdout_seed)
+        report.update({f"accuracy_{k}": float((v.argmax(1) == yy).float().mean())
+                       for k, v, yy in (("before", before, y), ("online", online, y[keep]),
+                                        ("after", after, y))})
     if args.out:
         save_file(sar.adapted_state(), args.out)
         report["adapted_norms"] = args.out
     print(json.dumps(report, indent=2) if args.json else
           "\n".join(f"{k}: {v}" for k, v in report.items()))
     return 0
+
