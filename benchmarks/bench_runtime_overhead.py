@@ -8,7 +8,10 @@ plain loop does this in one process with one model; the federation is
 ``simulations.runner.simulate`` (the real ServerApp/ClientApps on the Ray backend,
 including start-up). The last line is simulation wall time ÷ plain-loop wall time.
 
-    python benchmarks/bench_runtime_overhead.py [--quick]
+    python benchmarks/bench_runtime_overhead.py [--quick] [--rounds R]
+
+Without ``--rounds`` it runs the default job (``fedadapt simulate``'s ``RunConfig()``:
+3 sites, 5 rounds, 2 local epochs, 480 / 160 records at the largest site, DP on).
 """
 
 from __future__ import annotations
@@ -58,11 +61,16 @@ def plain_loop(cfg: RunConfig) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes for the test suite")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds (default: the default job's, RunConfig().num_server_rounds)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as out:
-        cfg = RunConfig(num_server_rounds=1 if args.quick else 3, num_sites=2 if args.quick else 3,
-                        site_train_size=64 if args.quick else 480,
-                        site_test_size=32 if args.quick else 160, out_dir=out, device="cpu")
+        cfg = RunConfig(out_dir=out, device="cpu")  # the default job
+        if args.quick:
+            cfg = cfg.replace(num_server_rounds=1, num_sites=2, site_train_size=64,
+                              site_test_size=32)
+        if args.rounds:
+            cfg = cfg.replace(num_server_rounds=args.rounds)
         torch.set_num_threads(1)  # as each ClientApp does (client.site.set_threads)
         plain = plain_loop(cfg)
         t0 = time.perf_counter()
