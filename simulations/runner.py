@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedadapt import keys
-from fedadapt.config import RunConfig
+from fedadapt.config import ConfigError, RunConfig
 from fedadapt.layout import SITES_DIR, SUMMARY_JSON
 
 #: Flower 1.41 marks ``flwr.simulation.run_simulation`` deprecated in favour of
@@ -35,14 +35,38 @@ class _HideRunSimulationNotice(logging.Filter):
                     and any(RUN_SIMULATION_NOTICE in str(a) for a in (record.args or ())))
 
 
+#: Environment variable: how many CPUs the Simulation Engine gives Ray, hence how many
+#: sites train at once (one CPU each). Unset: every CPU this process may run on.
+SIMULATION_CPUS_ENV = "FEDADAPT_SIMULATION_CPUS"
+
+
+def simulation_cpus() -> int:
+    """CPUs for Ray: ``$FEDADAPT_SIMULATION_CPUS`` if set, else the CPUs this process may
+    run on (its affinity mask: a container's or ``taskset``'s limit, not the host's count).
+
+    Raises:
+        ConfigError: If the variable is set to anything but a positive integer.
+    """
+    raw = os.environ.get(SIMULATION_CPUS_ENV, "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError(f"{SIMULATION_CPUS_ENV} must be a positive integer (how many "
+                             f"sites train at once), got {raw!r}; unset it to use every CPU")
+        return int(raw)
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def backend_config(cfg: RunConfig, *, gpu_fraction: float) -> dict:
-    """Ray resources: one CPU per site; a GPU fraction per site when CUDA is used."""
+    """Ray resources: one CPU per site (:func:`simulation_cpus` of them train at once); a
+    GPU fraction per site when CUDA is used."""
     import torch
 
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     num_gpus = gpu_fraction if use_cuda else 0.0
     return {"client_resources": {"num_cpus": 1, "num_gpus": num_gpus},
-            "init_args": {"num_cpus": os.cpu_count() or 1,
+            "init_args": {"num_cpus": simulation_cpus(),
                           "num_gpus": torch.cuda.device_count() if use_cuda else 0,
                           "include_dashboard": False}}
 
@@ -74,6 +98,7 @@ def simulate(cfg: RunConfig, *, gpu_fraction: float = 0.5, verbose: bool = False
     """
     if not 0 < gpu_fraction <= 1:
         raise ValueError(f"gpu_fraction must be in (0, 1], got {gpu_fraction}")
+    simulation_cpus()  # a bad $FEDADAPT_SIMULATION_CPUS stops here, before anything is written
     from flwr.simulation import run_simulation
 
     from fedadapt.client.app import build_client_app

@@ -71,6 +71,26 @@ def test_device_selection_and_resources():
         assert res["client_resources"] == {"num_cpus": 1, "num_gpus": 0.0}
 
 
+def test_simulation_cpus_from_the_environment_or_the_affinity_mask(monkeypatch):
+    import os
+
+    from fedadapt.config import ConfigError
+    from fedadapt.simulations.runner import SIMULATION_CPUS_ENV, simulate, simulation_cpus
+
+    monkeypatch.setenv(SIMULATION_CPUS_ENV, "3")
+    assert simulation_cpus() == 3
+    assert backend_config(RunConfig(device="cpu"), gpu_fraction=0.5)["init_args"][
+        "num_cpus"] == 3
+    monkeypatch.delenv(SIMULATION_CPUS_ENV)
+    assert simulation_cpus() == len(os.sched_getaffinity(0))
+    for bad in ("0", "-1", "two", "1.5"):
+        monkeypatch.setenv(SIMULATION_CPUS_ENV, bad)
+        with pytest.raises(ConfigError, match=f"{SIMULATION_CPUS_ENV} must be a positive"):
+            simulation_cpus()
+    with pytest.raises(ConfigError, match=SIMULATION_CPUS_ENV):  # before any run dir
+        simulate(RunConfig(out_dir="/nonexistent/never-created"))
+
+
 def test_empty_poisson_batches_are_noisy_steps():
     # 4 records, expected batch 1: q = 1/4, so about a third of the steps draw no record.
     model = build_model(SPEC)

@@ -113,8 +113,11 @@ def test_tls_run_of_three_sites_started_with_fedadapt_commands(tmp_path):
                            str(fed.site_dir(s) / "superexec.secret")],
                           f"clientapp-executor-{s}.log")
         fed.wait_joined([f"supernode-{s}.log" for s in SITES])
+        # No cross-site evaluation (test_e2e_simulation covers it): under subprocess
+        # isolation every message starts a ClientApp process (~7 CPU-s of imports), and
+        # it would add 3 evaluate messages per site.
         overrides = (f'num-server-rounds=1 num-sites=3 site-train-size=48 '
-                     f'site-test-size=16 local-epochs=1 out-dir="{out}"')
+                     f'site-test-size=16 local-epochs=1 cross-site-eval=false out-dir="{out}"')
         if "backbone-weights" in RunConfig().to_mapping():
             # The shipped checkpoint is not a FAB file type (flwr packs *.py, *.toml, ...).
             overrides += ' backbone-weights="random"'

@@ -28,7 +28,8 @@ options.num-supernodes = 3
 options.backend.name = "ray"
 options.backend.client-resources.num-cpus = 1
 options.backend.client-resources.num-gpus = 0.0
-"""
+options.backend.init-args.num-cpus = 1
+"""  # init-args: one Ray CPU, one ClientApp actor (as tests/conftest.py gives simulate)
 
 
 def _stop_processes_of(flwr_home: Path) -> None:
@@ -60,7 +61,7 @@ def test_flwr_run_local_simulation(tmp_path):
              for i in range(3)]
     provision_simulated_sites(cfg, sites, names)
     overrides = (f'num-server-rounds=1 site-train-size=64 site-test-size=32 '
-                 f'out-dir="{out}" sites-dir="{sites}"')
+                 f'cross-site-eval=false out-dir="{out}" sites-dir="{sites}"')
     try:
         proc = subprocess.run([flwr, "run", ".", "local-simulation", "--stream", "-c", overrides], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=300)
