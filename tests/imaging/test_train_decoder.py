@@ -42,7 +42,7 @@ def _groups(names) -> dict[str, set[str]]:
         assert n.startswith(PREFIX), n
         top = n[len(PREFIX):].split(".")[0]
         kind = ("lora" if ".lora_" in n else
-                "full" if f"{top}.modules_to_save.default." in n else "other")
+                "full" if ".modules_to_save.default." in n else "other")
         out.setdefault(top, set()).add(kind)
     return out
 
@@ -60,7 +60,7 @@ def test_exactly_the_decoder_blocks_the_head_and_lora_train():
     # (encoder2..4), its own weights and the blocks' original copies stay frozen.
     for n, p in model.named_parameters():
         top = n[len(PREFIX):].split(".")[0]
-        full = f"{top}.modules_to_save.default." in n
+        full = f"{top}.modules_to_save.default." in n or "out.conv.modules_to_save." in n
         assert p.requires_grad == (".lora_" in n or full), n
     assert any(n.startswith(PREFIX + "encoder2.") for n, _ in model.named_parameters())
 
@@ -134,7 +134,7 @@ def test_auto_follows_the_scenario_and_on_off_override_it(tmp_path):
     seg.write_text('task = "segmentation"\nspatial_dims = 3\nimage_size = 16\n'
                    'num_classes = 2\ntrain_decoder = true\n'
                    '[[site]]\nname = "a"\ntrain_size = 4\ntest_size = 2\n')
-    cfg = RunConfig(scenario=str(seg), image_size=16, num_classes=2)
+    cfg = RunConfig(scenario=str(seg), image_size=16, num_classes=2, backbone_weights="random")
     assert load_scenario(seg).train_decoder is True
     assert run_train_decoder(cfg) and run_model_spec(cfg).train_decoder
     assert not run_model_spec(cfg.replace(train_decoder="off")).train_decoder
