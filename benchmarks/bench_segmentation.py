@@ -18,10 +18,14 @@ Flower engine, to fit a shared CPU: the same site function and FedAvg arithmetic
 the same model init and ``rounds × local_epochs`` passes; next to the untrained model
 and a two-threshold intensity baseline fitted on the pooled training patches. Dice is
 the mean foreground (grey, white matter) Dice on each site's held-out tiles, weighted by
-their number (local: each site's own model on its own tiles).
+their number (local: each site's own model on its own tiles). ``--decoder`` runs two
+variants side by side, LoRA + head (``train-decoder off``) and UNETR's conv
+``encoder1``/``decoder*`` blocks trained in full too (``train-decoder on``): every fit of
+one right after the same fit of the other, with each variant's trainable values, up-link
+bytes per round (float32 wire) and process CPU seconds per optimiser step, DP and not.
 
     python benchmarks/bench_segmentation.py [--quick]
-    python benchmarks/bench_segmentation.py --mni152 [--rounds 3] [--seeds 0]
+    python benchmarks/bench_segmentation.py --mni152 [--decoder] [--rounds 3] [--seeds 0]
 """
 
 from __future__ import annotations
