@@ -278,6 +278,17 @@ class RunConfig:
         need(self.site_clip_norm > 0, "site-clip-norm", "a positive number")
         need(self.min_train_sites >= 1, "min-train-sites", "an integer >= 1")
         need(self.round_timeout > 0, "round-timeout", "a number of seconds > 0")
+        self._check_model(need)
+        self._check_drift(need)
+        if self.dp and self.noise_multiplier == 0:
+            errors.append("'noise-multiplier' is 0 while 'dp' is on: that is no privacy at all; "
+                          "set a positive noise multiplier or turn DP off explicitly (--no-dp)")
+        errors.extend(self._secagg_errors())
+        if errors:
+            raise ConfigError("invalid run config:\n  " + "\n  ".join(errors))
+
+    def _check_model(self, need: Any) -> None:
+        """The model keys (``need(ok, key, expected)`` collects an error)."""
         need(self.backbone_weights in ("builtin", "random") or self.backbone_weights.lower()
              .endswith((".safetensors", ".pt", ".pth")), "backbone-weights",
              "'builtin', 'random' or a .safetensors/.pt/.pth file path")
@@ -286,13 +297,6 @@ class RunConfig:
              "left at its default with 'backbone-path' (the weights are the checkpoint's)")
         need(self.train_decoder in TRAIN_DECODER, "train-decoder",
              f"one of {', '.join(TRAIN_DECODER)}")
-        self._check_drift(need)
-        if self.dp and self.noise_multiplier == 0:
-            errors.append("'noise-multiplier' is 0 while 'dp' is on: that is no privacy at all; "
-                          "set a positive noise multiplier or turn DP off explicitly (--no-dp)")
-        errors.extend(self._secagg_errors())
-        if errors:
-            raise ConfigError("invalid run config:\n  " + "\n  ".join(errors))
 
     def _check_drift(self, need: Any) -> None:
         """The ``drift-*`` keys (``need(ok, key, expected)`` collects an error)."""
