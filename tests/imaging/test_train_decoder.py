@@ -142,3 +142,14 @@ def test_auto_follows_the_scenario_and_on_off_override_it(tmp_path):
     seg.write_text(seg.read_text().replace("train_decoder = true\n", ""))
     assert not run_train_decoder(cfg)  # a scenario that says nothing: off
     assert run_train_decoder(cfg.replace(train_decoder="on"))
+
+
+def test_simulate_refuses_it_before_the_federation(tmp_path, capsys):
+    from fedadapt.cli import main
+
+    code = main(["simulate", "--scenario", "three-hospitals", "--train-decoder", "on",
+                 "--rounds", "1", "--out", str(tmp_path / "runs")])
+    assert code == 2
+    assert "train-decoder: only a registry backbone with a convolutional decoder" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
