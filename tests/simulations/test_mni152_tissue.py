@@ -66,4 +66,7 @@ def test_small_real_volume_federation(tmp_path, capsys):
     baseline = float(np.average(untrained, weights=sizes))
     assert rnd["dice"] == pytest.approx(float(np.average(
         [rnd["evaluate"][n]["dice"] for n in SITES], weights=sizes)))
-    assert rnd["dice"] > baseline + 0.02, (rnd["dice"], baseline)
+    # With the conv decoder trained (the scenario's default) one DP round lifts Dice by
+    # about 0.2 here (0.602 against 0.398, commit b3dfe53); LoRA + head alone
+    # (--train-decoder off) reaches 0.444 and would fail: 0.1 checks the decoder trains.
+    assert rnd["dice"] > baseline + 0.10, (rnd["dice"], baseline)
