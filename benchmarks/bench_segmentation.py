@@ -18,15 +18,20 @@ Flower engine, to fit a shared CPU: the same site function and FedAvg arithmetic
 the same model init and ``rounds × local_epochs`` passes; next to the untrained model
 and a two-threshold intensity baseline fitted on the pooled training patches. Dice is
 the mean foreground (grey, white matter) Dice on each site's held-out tiles, weighted by
-their number (local: each site's own model on its own tiles).
+their number (local: each site's own model on its own tiles). ``--decoder`` runs two
+variants side by side, LoRA + head (``train-decoder off``) and UNETR's conv
+``encoder1``/``decoder*`` blocks trained in full too (``train-decoder on``): every fit of
+one right after the same fit of the other, with each variant's trainable values, up-link
+bytes per round (float32 wire) and process CPU seconds per optimiser step, DP and not.
 
     python benchmarks/bench_segmentation.py [--quick]
-    python benchmarks/bench_segmentation.py --mni152 [--rounds 3] [--seeds 0]
+    python benchmarks/bench_segmentation.py --mni152 [--decoder] [--rounds 3] [--seeds 0]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -111,10 +116,74 @@ def fit_thresholds(train_sets: list[TensorDataset]) -> tuple[float, float]:
     return out
 
 
+VARIANTS = ("lora", "decoder")  # LoRA in the ViT + head; the same + UNETR's conv decoder
+
+
+class Clock:
+    """Process CPU seconds and optimiser steps of every local fit, per (variant, DP)."""
+
+    def __init__(self) -> None:
+        self.cpu: dict[tuple[str, bool], float] = {}
+        self.steps: dict[tuple[str, bool], int] = {}
+
+    def add(self, key: tuple[str, bool], cpu: float, steps: int) -> None:
+        self.cpu[key] = self.cpu.get(key, 0.0) + cpu
+        self.steps[key] = self.steps.get(key, 0) + steps
+
+    def per_step(self, key: tuple[str, bool]) -> float:
+        return self.cpu[key] / max(self.steps[key], 1)
+
+
+def _arms(args, cfg, sc, specs, sites, tests, sizes, seed, dp, clock) -> dict[str, dict]:
+    """Pooled, local and federated Dice of each variant for one seed and DP setting;
+    every fit runs for both variants back to back (interleaved CPU timing)."""
+    loss, k = task_loss("segmentation"), sc.num_classes
+
+    def fit_all(models: dict, ds, epochs: int, fit_seed: int) -> None:
+        for v, m in models.items():
+            c = time.process_time()
+            res = train(m, ds, epochs=epochs, lr=args.lr, batch_size=cfg.batch_size,
+                        device=CPU, seed=fit_seed, dp=dp, loss_fn=loss)
+            clock.add((v, dp is not None), time.process_time() - c, res.steps)
+
+    epochs = args.rounds * cfg.local_epochs
+    rows = {v: {"variant": v, "seed": seed, "dp": dp is not None} for v in specs}
+    pooled = {v: build_model(s) for v, s in specs.items()}
+    fit_all(pooled, ConcatDataset([tr for tr, _ in sites]), epochs, seed)
+    local: dict[str, list[float]] = {v: [] for v in specs}
+    for i, (tr, te) in enumerate(sites):
+        models = {v: build_model(s) for v, s in specs.items()}
+        fit_all(models, tr, epochs, seed + 10 * i)
+        for v, m in models.items():
+            local[v].append(dice(m, [te], k))
+    fed = {v: build_model(s) for v, s in specs.items()}
+    for rnd in range(args.rounds):
+        glob = {v: trainable_state(m) for v, m in fed.items()}
+        states: dict[str, list] = {v: [] for v in specs}
+        for i, (tr, _) in enumerate(sites):
+            for v, m in fed.items():
+                load_trainable(m, glob[v])
+            fit_all(fed, tr, cfg.local_epochs, seed + 1000 * rnd + 10 * i)
+            for v, m in fed.items():
+                states[v].append(trainable_state(m))
+        for v, m in fed.items():
+            load_trainable(m, {n: sum(st[n] * w for st, w in zip(states[v], sizes))
+                               / sum(sizes) for n in glob[v]})
+    for v, row in rows.items():
+        row.update(pooled=dice(pooled[v], tests, k), federated=dice(fed[v], tests, k),
+                   local=float(np.average(local[v], weights=[len(te) for te in tests])),
+                   local_per_site=local[v])
+    return rows
+
+
 def compare_arms(args: argparse.Namespace) -> list[dict]:
-    """Dice of pooled / federated / local, with and without DP, on ``mni152-tissue``."""
+    """Dice of pooled / federated / local, with and without DP, on ``mni152-tissue``,
+    for LoRA-only and (``--decoder``) UNETR's conv decoder trained too; with each
+    variant's trainable tensors, up-link bytes per round and CPU seconds per step."""
     cfg = _with_scenario(RunConfig(device="cpu"), "mni152-tissue", weights_given=False)
     sc, spec = load_scenario("mni152-tissue"), run_model_spec(cfg)
+    specs = {v: dataclasses.replace(spec, train_decoder=v == "decoder")
+             for v in (VARIANTS if args.decoder else VARIANTS[:1])}
     sites = [site_data(sc, i) for i in range(len(sc.sites))]
     if args.quick:
         sites = [(Subset(tr, range(16)), te) for tr, te in sites]
@@ -125,40 +194,31 @@ def compare_arms(args: argparse.Namespace) -> list[dict]:
                                                             sc.num_classes)},
             {"arm": "intensity thresholds", "dp": False,
              "dice": dice(None, tests, sc.num_classes, thresholds)}]
-    loss = task_loss("segmentation")
-
-    def fit(model, ds, epochs: int, seed: int, dp: DPRequest | None) -> None:
-        train(model, ds, epochs=epochs, lr=args.lr, batch_size=cfg.batch_size, device=CPU,
-              seed=seed, dp=dp, loss_fn=loss)
-
+    for v, s in specs.items():
+        state = trainable_state(build_model(s))
+        n = sum(t.numel() for t in state.values())
+        rows.append({"variant": v, "trainable_parameters": n, "tensors": len(state),
+                     "uplink_bytes_per_site_round": 4 * n,  # wire-dtype float32
+                     "uplink_bytes_per_round": 4 * n * len(sites)})
+        print(json.dumps(rows[-1]), flush=True)
+    clock = Clock()
     for seed in args.seeds:
         for dp in (None, DPRequest(args.sigma, 1.0)):
-            epochs = args.rounds * cfg.local_epochs
             t0 = time.perf_counter()
-            pooled = build_model(spec)
-            fit(pooled, ConcatDataset([tr for tr, _ in sites]), epochs, seed, dp)
-            row = {"seed": seed, "dp": dp is not None,
-                   "pooled": dice(pooled, tests, sc.num_classes)}
-            local = []
-            for i, (tr, te) in enumerate(sites):
-                m = build_model(spec)
-                fit(m, tr, epochs, seed + 10 * i, dp)
-                local.append(dice(m, [te], sc.num_classes))
-            row["local"] = float(np.average(local, weights=[len(te) for te in tests]))
-            row["local_per_site"] = local
-            fed = build_model(spec)
-            for rnd in range(args.rounds):
-                glob, states = trainable_state(fed), []
-                for i, (tr, _) in enumerate(sites):
-                    load_trainable(fed, glob)
-                    fit(fed, tr, cfg.local_epochs, seed + 1000 * rnd + 10 * i, dp)
-                    states.append(trainable_state(fed))
-                load_trainable(fed, {k: sum(st[k] * n for st, n in zip(states, sizes))
-                                     / sum(sizes) for k in glob})
-            row["federated"] = dice(fed, tests, sc.num_classes)
-            row["seconds"] = round(time.perf_counter() - t0, 1)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for row in _arms(args, cfg, sc, specs, sites, tests, sizes, seed, dp,
+                             clock).values():
+                row["seconds_both_variants"] = round(time.perf_counter() - t0, 1)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    for key in clock.cpu:
+        rows.append({"variant": key[0], "dp": key[1], "cpu_s": round(clock.cpu[key], 1),
+                     "steps": clock.steps[key], "cpu_s_per_step": clock.per_step(key)})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.decoder:
+        for dp in (False, True):
+            r = clock.per_step(("decoder", dp)) / clock.per_step(("lora", dp))
+            rows.append({"ratio": "decoder / lora CPU s per step", "dp": dp, "value": r})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -171,6 +231,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="--mni152: federated rounds")
     ap.add_argument("--lr", type=float, default=0.05, help="--mni152: SGD lr")
     ap.add_argument("--sigma", type=float, default=1.0, help="--mni152: DP noise multiplier")
+    ap.add_argument("--decoder", action="store_true", help="--mni152: also train UNETR's "
+                    "conv encoder1/decoder blocks (train-decoder on), side by side")
     ap.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0],
                     help="--mni152: seeds, comma-separated")
     args = ap.parse_args()
@@ -187,8 +249,10 @@ def main() -> None:
         base = {r["arm"]: r["dice"] for r in rows if "arm" in r}
         print(f"untrained {base['untrained']:.3f}, intensity thresholds "
               f"{base['intensity thresholds']:.3f}")
-        last = [r for r in rows if "federated" in r and not r["dp"]][-1]
-        print(f"mni152-tissue federated Dice (no DP): {last['federated']:.3f}")
+        for v in VARIANTS:
+            last = [r for r in rows if "federated" in r and not r["dp"] and r["variant"] == v]
+            if last:
+                print(f"mni152-tissue federated Dice (no DP, {v}): {last[-1]['federated']:.3f}")
         return
     rows = {s: measure(s, args.quick) for s in ("segmentation-2d", "segmentation-3d-small")}
     print("| scenario (site 0) | records | DP round wall s (CPU s) | SGD round wall s (CPU s) "

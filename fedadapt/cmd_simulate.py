@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fedadapt.argtypes import nonneg_float, positive_int
 from fedadapt.config import (CONTINUAL_METHODS, CONTINUAL_SCENARIOS, DEVICES, ConfigError,
-                             RunConfig)
+                             TRAIN_DECODER, RunConfig)
 from fedadapt.layout import ADAPTER_DIR, SUMMARY_JSON
 from fedadapt.names import SECAGG_NOISES, STRATEGIES, WIRE_DTYPES
 
@@ -60,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "transformers save_pretrained folder (ViT, DINOv2, CLIP/SigLIP vision, "
                    "SAM encoder), an open_clip local-dir folder or a timm-style ViT "
                    ".safetensors/.pth file (nothing is downloaded)")
+    p.add_argument("--train-decoder", choices=TRAIN_DECODER, default=d.train_decoder,
+                   help="segmentation (UNETR): also train its conv encoder1/decoder blocks "
+                   "in full (auto: the scenario's choice, default)")
     p.add_argument("--personal-keys", default=d.personal_keys, metavar="KEYS",
                    help="comma-separated tensor-name parts each site keeps local (e.g. head)")
     p.add_argument("--wire-dtype", choices=WIRE_DTYPES, default=d.wire_dtype,
@@ -234,6 +237,7 @@ def _simulate(args: argparse.Namespace) -> int:
                     personal_keys=args.personal_keys, wire_dtype=args.wire_dtype,
                     site_ranks=args.site_ranks, tensorboard=args.tensorboard,
                     mlflow=args.mlflow, backbone_path=_backbone_path(args.backbone),
+                    train_decoder=args.train_decoder,
                     drift_monitor=args.drift_monitor, drift_alpha=args.drift_alpha,
                     drift_window=args.drift_window, drift_shift=args.drift_shift,
                     drift_shift_gain=args.drift_shift_gain,

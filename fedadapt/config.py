@@ -16,6 +16,8 @@ from fedadapt.names import SECAGG_NOISES, SECAGG_STRATEGIES, STRATEGIES, WIRE_DT
 DEVICES = ("auto", "cpu", "cuda")
 CONTINUAL_METHODS = ("naive", "ewc", "lwf", "replay", "olora")
 CONTINUAL_SCENARIOS = ("site-incremental", "domain-incremental")
+#: ``train-decoder``: the scenario's choice, or on / off whatever it says.
+TRAIN_DECODER = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -93,6 +95,13 @@ class RunConfig:
             CLIP/SigLIP vision, SAM image encoder), an open_clip local-dir folder or a
             timm-style ViT file; absolute, the same checkpoint at every site (verified by
             sha256); empty for the default.
+        train_decoder: ``auto``, ``on`` or ``off``: whether UNETR's convolutional
+            encoder/decoder blocks (``encoder1``, ``decoder2``..``decoder5``) train in full
+            next to LoRA in its ViT and the head, and travel with the adapters (about 2 M
+            more tensors' values per site and round at the default UNETR; see
+            docs/researchers/volumes.md for the measured Dice and cost). ``auto``: the
+            scenario's ``train_decoder`` (``mni152-tissue``: on), off otherwise. Only for
+            segmentation (UNETR) backbones.
         tensorboard: Log per-round, per-site metrics, ε and bytes as TensorBoard scalars
             in ``<run dir>/tensorboard/`` (``server.tracking``; needs ``tensorboard``).
         mlflow: Log the same to MLflow's local file store ``<out_dir>/mlruns``
@@ -181,6 +190,7 @@ class RunConfig:
     site_clip_norm: float = 1.0
     backbone_weights: str = "builtin"
     backbone_path: str = ""
+    train_decoder: str = "auto"
     tensorboard: bool = False
     mlflow: bool = False
     min_train_sites: int = 1
@@ -268,12 +278,7 @@ class RunConfig:
         need(self.site_clip_norm > 0, "site-clip-norm", "a positive number")
         need(self.min_train_sites >= 1, "min-train-sites", "an integer >= 1")
         need(self.round_timeout > 0, "round-timeout", "a number of seconds > 0")
-        need(self.backbone_weights in ("builtin", "random") or self.backbone_weights.lower()
-             .endswith((".safetensors", ".pt", ".pth")), "backbone-weights",
-             "'builtin', 'random' or a .safetensors/.pt/.pth file path")
-        need(not self.backbone_path or self.backbone_weights in ("builtin", "random"),
-             "backbone-weights",
-             "left at its default with 'backbone-path' (the weights are the checkpoint's)")
+        self._check_model(need)
         self._check_drift(need)
         if self.dp and self.noise_multiplier == 0:
             errors.append("'noise-multiplier' is 0 while 'dp' is on: that is no privacy at all; "
@@ -281,6 +286,17 @@ class RunConfig:
         errors.extend(self._secagg_errors())
         if errors:
             raise ConfigError("invalid run config:\n  " + "\n  ".join(errors))
+
+    def _check_model(self, need: Any) -> None:
+        """The model keys (``need(ok, key, expected)`` collects an error)."""
+        need(self.backbone_weights in ("builtin", "random") or self.backbone_weights.lower()
+             .endswith((".safetensors", ".pt", ".pth")), "backbone-weights",
+             "'builtin', 'random' or a .safetensors/.pt/.pth file path")
+        need(not self.backbone_path or self.backbone_weights in ("builtin", "random"),
+             "backbone-weights",
+             "left at its default with 'backbone-path' (the weights are the checkpoint's)")
+        need(self.train_decoder in TRAIN_DECODER, "train-decoder",
+             f"one of {', '.join(TRAIN_DECODER)}")
 
     def _check_drift(self, need: Any) -> None:
         """The ``drift-*`` keys (``need(ok, key, expected)`` collects an error)."""

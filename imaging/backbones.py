@@ -66,6 +66,10 @@ class ModelSpec:
             a timm-style ViT file; empty for none. Its shape comes from the checkpoint
             (the shape fields above are then unused), its weights are the checkpoint's
             (``backbone_weights`` must be ``"random"``); 2-D classification/multilabel.
+        train_decoder: Also train the registry backbone's convolutional encoder/decoder
+            blocks in full (UNETR: ``encoder1``, ``decoder2``..``decoder5``; PEFT
+            ``modules_to_save``, sent with the adapters), not only LoRA in the ViT and the
+            head. A randomly initialised UNETR's convolutional path otherwise never trains.
     """
 
     image_size: int = 32
@@ -83,6 +87,7 @@ class ModelSpec:
     spatial_dims: int = 2
     backbone: str = ""
     backbone_path: str = ""
+    train_decoder: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.backbone_weights, str) or not self.backbone_weights:
@@ -90,13 +95,24 @@ class ModelSpec:
                              f"path, got {self.backbone_weights!r}")
         if self.task not in TASKS:
             raise ValueError(f"ModelSpec.task={self.task!r}: use one of {TASKS}")
+        if not isinstance(self.train_decoder, bool):
+            raise ValueError(f"ModelSpec.train_decoder must be true or false, got "
+                             f"{self.train_decoder!r}")
+        if self.train_decoder and not self.backbone:
+            raise ValueError("train-decoder: only a registry backbone with a convolutional "
+                             "decoder (unetr-2d, unetr-3d: segmentation) has one to train; "
+                             "this spec builds "
+                             + (f"backbone-path {self.backbone_path!r}" if self.backbone_path
+                                else "the default 2-D ViT classifier") + ": turn it off")
         if self.backbone_path:
             _check_local(self)
             return
         if self.backbone:
-            from fedadapt.imaging.registry import UNETR_PATCH, get_backbone
+            from fedadapt.imaging.registry import UNETR_PATCH, decoder_modules, get_backbone
 
             b = get_backbone(self.backbone)
+            if self.train_decoder:
+                decoder_modules(self.backbone)  # raises if it has none
             if b.spatial_dims != self.spatial_dims or (b.task == "segmentation") != (
                     self.task == "segmentation"):
                 raise ValueError(f"backbone {self.backbone!r} is {b.spatial_dims}-D "
@@ -279,7 +295,8 @@ def build_model(spec: ModelSpec) -> PeftModel:
         spec: The model spec. The same spec yields bit-identical weights.
 
     Returns:
-        A ``PeftModel`` whose only trainable tensors are LoRA factors and the head.
+        A ``PeftModel`` whose only trainable tensors are LoRA factors and the head (and,
+        with ``spec.train_decoder``, the backbone's decoder blocks).
 
     Raises:
         CheckpointError: If the weights file is missing, unreadable or does not fit.
@@ -298,7 +315,7 @@ def build_model(spec: ModelSpec) -> PeftModel:
             from fedadapt.imaging.registry import attach_peft
 
             return attach_peft(registry_base(spec), spec.backbone, rank=spec.lora_rank,
-                               alpha=spec.lora_alpha)
+                               alpha=spec.lora_alpha, train_decoder=spec.train_decoder)
         base = ViTClassifier(spec)
         if path is not None:
             load_weights(base, path, allow_missing=ENCODER_ALLOW_MISSING)

@@ -68,6 +68,10 @@ class Backbone:
         build: ``(in_channels, num_classes, img_size, **kw) -> nn.Module``.
         pretrained: Loads weights that an installed package ships into the built model
             (``backbone_weights = "builtin"``), or None when none are shipped.
+        decoder: Convolutional encoder/decoder blocks trained in full, with the head, when
+            a spec asks for it (``ModelSpec.train_decoder``); empty: the backbone has none.
+            UNETR: the full-resolution conv encoder ``encoder1`` and ``decoder2``..
+            ``decoder5`` (the ViT's skip projections ``encoder2``..``encoder4`` stay frozen).
     """
 
     name: str
@@ -80,6 +84,7 @@ class Backbone:
     defaults: dict[str, Any]
     build: Callable[..., nn.Module]
     pretrained: Callable[[nn.Module], None] | None = None
+    decoder: tuple[str, ...] = ()
 
 
 def _vit(dims: int) -> Callable[..., nn.Module]:
@@ -110,6 +115,8 @@ def _swin(in_channels: int, num_classes: int, img_size: tuple[int, ...], *, feat
 _SMALL_VIT = dict(patch_size=4, hidden_size=96, mlp_dim=192, num_layers=4, num_heads=4)
 _VIT_ATTN = ("qkv", "out_proj")
 _VIT_FF = ("mlp.linear1", "mlp.linear2")
+#: UNETR's convolutional path that ``train_decoder`` trains in full (module names).
+UNETR_DECODER = ("encoder1", "decoder2", "decoder3", "decoder4", "decoder5")
 _SWIN_REFUSAL = ("SwinUNETR fails in Opacus' per-sample-gradient hooks (window attention: "
                  "'stack expects each tensor to be equal size'); use unetr-2d/unetr-3d "
                  "under DP, or train swin-unetr without DP")
@@ -123,9 +130,11 @@ REGISTRY: dict[str, Backbone] = {b.name: b for b in (
              dict(patch_size=16, hidden_size=768, mlp_dim=3072, num_layers=12, num_heads=12),
              _vit(2)),
     Backbone("unetr-2d", "segmentation", 2, _VIT_ATTN, _VIT_FF, ("out.conv",), None,
-             dict(feature_size=16, hidden_size=96, mlp_dim=192, num_heads=4), _unetr(2)),
+             dict(feature_size=16, hidden_size=96, mlp_dim=192, num_heads=4), _unetr(2),
+             decoder=UNETR_DECODER),
     Backbone("unetr-3d", "segmentation", 3, _VIT_ATTN, _VIT_FF, ("out.conv",), None,
-             dict(feature_size=16, hidden_size=96, mlp_dim=192, num_heads=4), _unetr(3)),
+             dict(feature_size=16, hidden_size=96, mlp_dim=192, num_heads=4), _unetr(3),
+             decoder=UNETR_DECODER),
     Backbone("swin-unetr", "segmentation", 3, ("qkv", "proj"), ("linear1", "linear2"),
              ("out.conv",), _SWIN_REFUSAL,
              dict(feature_size=12, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24)), _swin),
@@ -177,23 +186,45 @@ def build_backbone(name: str, *, in_channels: int = 1, num_classes: int = 3,
 
 
 def attach_peft(model: nn.Module, name: str, *, method: str = "lora", rank: int = 8,
-                alpha: int = 16) -> PeftModel:
+                alpha: int = 16, train_decoder: bool = False) -> PeftModel:
     """Inject adapters of ``method`` into the base model of backbone ``name``.
 
-    The frozen backbone stays frozen; adapters and the entry's ``head`` modules train.
+    The frozen backbone stays frozen; adapters and the entry's ``head`` modules train,
+    and with ``train_decoder`` its ``decoder`` blocks too (PEFT ``modules_to_save``: a
+    trainable copy of each, saved and exchanged with the adapters).
+
+    Raises:
+        ValueError: On an unknown method, or ``train_decoder`` for a backbone without
+            a convolutional decoder.
     """
     b = get_backbone(name)
     if method not in PEFT_METHODS:
         raise ValueError(f"unknown PEFT method {method!r}; use one of {PEFT_METHODS}")
+    full = list(b.head) + (list(decoder_modules(name)) if train_decoder else [])
     if method == "ia3":
         config: Any = IA3Config(target_modules=list(b.lora_targets + b.feedforward),
                                 feedforward_modules=list(b.feedforward),
-                                modules_to_save=list(b.head))
+                                modules_to_save=full)
     else:
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                            target_modules=list(b.lora_targets), modules_to_save=list(b.head),
+                            target_modules=list(b.lora_targets), modules_to_save=full,
                             use_dora=method == "dora")
     return get_peft_model(model, config)
+
+
+def decoder_modules(name: str) -> tuple[str, ...]:
+    """The blocks of backbone ``name`` that ``train_decoder`` trains in full.
+
+    Raises:
+        ValueError: If the backbone has no convolutional decoder to train.
+    """
+    b = get_backbone(name)
+    if not b.decoder:
+        has = sorted(k for k, v in REGISTRY.items() if v.decoder)
+        raise ValueError(f"train-decoder: backbone {name!r} has no convolutional decoder "
+                         f"to train in full (backbones that have one: {has}); turn "
+                         "train-decoder off")
+    return b.decoder
 
 
 def check_dp(name: str, method: str = "lora") -> None:

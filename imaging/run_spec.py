@@ -35,7 +35,17 @@ def run_model_spec(cfg: RunConfig) -> ModelSpec:
                      backbone_weights="random" if cfg.backbone_path else cfg.backbone_weights,
                      task=task, spatial_dims=dims,
                      backbone="" if cfg.backbone_path else backbone,
-                     backbone_path=cfg.backbone_path)
+                     backbone_path=cfg.backbone_path, train_decoder=run_train_decoder(cfg))
+
+
+def run_train_decoder(cfg: RunConfig) -> bool:
+    """``train-decoder``: ``on``/``off`` as given; ``auto``: the scenario's
+    ``train_decoder`` (off without a scenario)."""
+    if cfg.train_decoder != "auto":
+        return cfg.train_decoder == "on"
+    if not cfg.scenario or cfg.is_continual:
+        return False
+    return load_scenario(cfg.scenario).train_decoder
 
 
 def _scenario_backbone(cfg: RunConfig) -> str:

@@ -15,6 +15,8 @@ by the scenario's seed::
     num_classes = 3
     seed = 0
     # backbone = "efficientnet-lite0"   # a registry backbone (default: by task)
+    # train_decoder = true   # segmentation: UNETR's conv encoder1/decoder blocks train in
+    #                        # full (default false; run-config key train-decoder overrides)
 
     [[site]]
     name = "hospital-a"
@@ -65,7 +67,8 @@ from fedadapt.imaging.tasks import synthetic_segmentation
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "simulations" / "scenarios"
 TASKS = ("classification", "multilabel", "segmentation")
 _TOP = {"name", "task", "spatial_dims", "image_size", "num_classes", "seed", "site",
-        "backbone", "voxel_mm"}
+        "backbone", "voxel_mm",
+        "train_decoder"}
 _SITE = {"name", "train_size", "test_size", "label_weights", "shift", "datalist", "image",
          "package", "classes", "size", "test_fraction", "volume", "ap_range"}
 
@@ -96,6 +99,7 @@ class Scenario:
     sites: tuple[ScenarioSite, ...]
     backbone: str = ""
     voxel_mm: int = 2
+    train_decoder: bool = False
 
 
 def scenario_path(name_or_path: str | Path) -> Path:
@@ -169,8 +173,13 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
     if voxel not in (1, 2, 3, 4):
         raise ValueError(f"scenario {path}: voxel_mm={voxel!r}; use an integer 1-4 (the "
                          "voxel size, in mm, of 'volume' sites)")
+    decoder = doc.get("train_decoder", False)
+    if not isinstance(decoder, bool) or (decoder and task != "segmentation"):
+        raise ValueError(f"scenario {path}: train_decoder={decoder!r}; use true or false "
+                         "(true only for task = \"segmentation\": UNETR's decoder)")
     return Scenario(str(doc.get("name", path.stem)), task, dims, size, k,
-                    int(doc.get("seed", 0)), tuple(sites), _backbone(doc, path), int(voxel))
+                    int(doc.get("seed", 0)), tuple(sites), _backbone(doc, path), int(voxel),
+                    decoder)
 
 
 def _backbone(doc: dict[str, Any], path: Path) -> str:
