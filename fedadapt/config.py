@@ -247,11 +247,6 @@ class RunConfig:
                  f"{self.num_sites} comma-separated integers in 1..lora-rank={self.lora_rank}")
             need(self.strategy != "ffa-lora", "site-ranks",
                  "empty with strategy ffa-lora (its frozen A has the global rank; use exact)")
-        need(self.epsilon_cap > 0, "epsilon-cap", "a positive number")
-        need(0 <= self.site_target_epsilon <= self.epsilon_cap, "site-target-epsilon",
-             f"0 (off) or a number in (0, epsilon-cap={self.epsilon_cap}]")
-        need(self.dp or self.site_target_epsilon == 0, "site-target-epsilon",
-             "0 when dp is off (there is no noise to calibrate)")
         need(self.continual in CONTINUAL_METHODS, "continual",
              f"one of {', '.join(CONTINUAL_METHODS)}")
         need(self.phases >= 2, "phases", "an integer >= 2")
@@ -275,8 +270,7 @@ class RunConfig:
                     and self.site_ranks.strip()):
                 errors.append("site-incremental 'ewc' sums the sites' Fishers at the server, "
                               "which needs one LoRA rank: leave 'site-ranks' empty")
-        need(self.site_noise_multiplier > 0, "site-noise-multiplier", "a positive number")
-        need(self.site_clip_norm > 0, "site-clip-norm", "a positive number")
+        self._check_privacy(need)
         need(self.min_train_sites >= 1, "min-train-sites", "an integer >= 1")
         need(self.round_timeout > 0, "round-timeout", "a number of seconds > 0")
         need(self.backbone_weights in ("builtin", "random") or self.backbone_weights.lower()
@@ -292,6 +286,16 @@ class RunConfig:
         errors.extend(self._secagg_errors())
         if errors:
             raise ConfigError("invalid run config:\n  " + "\n  ".join(errors))
+
+    def _check_privacy(self, need: Any) -> None:
+        """The simulated sites' policy keys and site-level DP (``need`` as below)."""
+        need(self.epsilon_cap > 0, "epsilon-cap", "a positive number")
+        need(0 <= self.site_target_epsilon <= self.epsilon_cap, "site-target-epsilon",
+             f"0 (off) or a number in (0, epsilon-cap={self.epsilon_cap}]")
+        need(self.dp or self.site_target_epsilon == 0, "site-target-epsilon",
+             "0 when dp is off (there is no noise to calibrate)")
+        need(self.site_noise_multiplier > 0, "site-noise-multiplier", "a positive number")
+        need(self.site_clip_norm > 0, "site-clip-norm", "a positive number")
 
     def _check_drift(self, need: Any) -> None:
         """The ``drift-*`` keys (``need(ok, key, expected)`` collects an error)."""
