@@ -7,7 +7,9 @@ Arms, each with the same model (``imaging.backbones.build_model``: LoRA r=8 in b
 
 * **federated**: FedAvg of the trainable tensors over the scenario's three sites (weights
   = training records), each site training with ``client.train.train`` (Opacus DP-SGD,
-  record-level ε); one σ for all sites, the largest any site needs (as bench_utility);
+  record-level ε); one σ for all sites, the largest any site needs (as bench_utility),
+  or with ``--sigma per-site`` each site's own σ for the same ε over the run (the policy
+  field ``target_epsilon_per_run``); the server's step is ``--server`` (``ServerOpt``);
 * **pooled**: every site's training split in one ``client.train.train`` run;
 * **local**: each site alone on its own split;
 * **federated-iid** (a control, not in the default ``--arms``): the same FedAvg over three
