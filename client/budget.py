@@ -114,8 +114,14 @@ def provision_simulated_sites(cfg: RunConfig, sites_dir: Path, names: Iterable[s
 
     A simulated site's policy caps ε at ``cfg.epsilon_cap`` with δ = ``cfg.delta``, a
     noise floor no higher than the run's σ, and allows non-DP rounds only when the run
-    has DP off. An existing policy is never overwritten: its ledger keeps composing.
+    has DP off. With ``cfg.site_target_epsilon`` > 0 it also targets that ε over the run
+    (``target_epsilon_per_run``, ``max_rounds_per_run`` = the run's rounds), so each site
+    picks σ for its own sample rate. An existing policy is never overwritten: its ledger
+    keeps composing.
     """
+    per_run = ({"target_epsilon_per_run": cfg.site_target_epsilon,
+                "max_rounds_per_run": cfg.num_server_rounds}
+               if cfg.site_target_epsilon > 0 else {})
     for name in names:
         path = policy_path(Path(sites_dir) / name)
         if path.exists():
@@ -123,4 +129,4 @@ def provision_simulated_sites(cfg: RunConfig, sites_dir: Path, names: Iterable[s
         write_policy(path, SitePolicy(
             epsilon_cap=cfg.epsilon_cap, delta=cfg.delta,
             min_noise_multiplier=min(0.5, cfg.noise_multiplier) if cfg.dp else 0.5,
-            allow_non_dp=not cfg.dp))
+            allow_non_dp=not cfg.dp, **per_run))

@@ -60,13 +60,20 @@ def round_seed(seed: int, site_index: int, rnd: int) -> int:
 
 def plan_round(num_records: int, cfg: TrainConfig, policy: SitePolicy | None) -> TrainRequest:
     """The mechanism the round will run, known before training: σ (the server's, raised
-    to the policy's per-round ε target — never less than asked), C, q and steps."""
+    to the policy's per-round and per-run ε targets — never less than asked), C, q and
+    steps. The per-run target prices ``max_rounds_per_run`` rounds of this round's
+    mechanism as one of ``rounds × steps`` steps (RDP / PRV composition of identical
+    rounds), so each site's σ fits its own q."""
     q, steps = planned_round(num_records, batch_size=cfg.batch_size, epochs=cfg.local_epochs)
     sigma = cfg.noise_multiplier if cfg.dp_enabled else 0.0
-    if cfg.dp_enabled and policy is not None and policy.target_epsilon_per_round > 0:
-        sigma = max(sigma, noise_for_target(policy.target_epsilon_per_round,
-                                            delta=policy.delta, sample_rate=q, steps=steps,
-                                            accountant=policy.accountant))
+    if not cfg.dp_enabled or policy is None:
+        return TrainRequest(sigma, cfg.max_grad_norm, q, steps)
+    for target, n_steps in ((policy.target_epsilon_per_round, steps),
+                            (policy.target_epsilon_per_run,
+                             steps * policy.max_rounds_per_run)):
+        if target > 0:
+            sigma = max(sigma, noise_for_target(target, delta=policy.delta, sample_rate=q,
+                                                steps=n_steps, accountant=policy.accountant))
     return TrainRequest(sigma, cfg.max_grad_norm, q, steps)
 
 

@@ -37,6 +37,9 @@ _POLICY_DOC = {
     "target_epsilon_per_round": "> 0: the site picks its own noise multiplier for this "
                                 "epsilon per round (and uses the larger of it and the "
                                 "server's); 0: off.",
+    "target_epsilon_per_run": "> 0: the site picks its own noise multiplier so that "
+                              "max_rounds_per_run rounds reach this epsilon (and uses "
+                              "the larger of it and the server's); 0: off.",
     "allow_non_dp": "true only for research sites: rounds without DP-SGD are not covered "
                     "by any accountant.",
 }

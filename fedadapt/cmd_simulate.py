@@ -81,6 +81,10 @@ def _add_run_args(p: argparse.ArgumentParser, d: RunConfig) -> None:
     p.add_argument("--epsilon-cap", type=nonneg_float, default=d.epsilon_cap,
                    help="epsilon cap written into the policy of each simulated site that has "
                    f"none yet (default {d.epsilon_cap})")
+    p.add_argument("--site-target-epsilon", type=nonneg_float, default=d.site_target_epsilon,
+                   metavar="EPS", help="each simulated site calibrates its own noise "
+                   "multiplier to reach EPS over the run (and uses the larger of it and "
+                   "--noise-multiplier); default 0: off")
     p.add_argument("--sites-dir", default=d.sites_dir, metavar="DIR",
                    help="kept folder of the simulated sites' policies and ledgers (spending "
                    "composes across runs); default: fresh ones in the run directory")
@@ -229,6 +233,7 @@ def _simulate(args: argparse.Namespace) -> int:
                     site_train_size=args.train_size, site_test_size=args.test_size,
                     amp=not args.no_amp, strategy=args.strategy,
                     min_train_sites=args.min_train_sites, epsilon_cap=args.epsilon_cap,
+                    site_target_epsilon=args.site_target_epsilon,
                     round_timeout=args.round_timeout,
                     sites_dir=args.sites_dir, site_dp=args.site_dp,
                     site_noise_multiplier=args.site_noise_multiplier,

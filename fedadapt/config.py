@@ -65,6 +65,12 @@ class RunConfig:
             (its A is a seeded matrix of the global rank).
         epsilon_cap: Record-level ε cap written into the policy of each *simulated* site
             that has none yet (a deployed site's cap is in its own ``policy.toml``).
+        site_target_epsilon: > 0: each *simulated* site that has no policy yet gets one
+            whose ``target_epsilon_per_run`` is this ε over ``max_rounds_per_run`` =
+            ``num-server-rounds`` rounds, so each site calibrates its own σ for its own
+            sample rate and trains with the larger of it and ``noise-multiplier`` (set
+            that to the smallest σ you accept, e.g. 0.5); 0: off, every site uses the
+            server's σ. At most ``epsilon-cap``; DP only.
         sites_dir: Folder of simulated sites' own folders ``<sites-dir>/<site>/``
             (``policy.toml``, ``ledger/``); empty: fresh sites inside the run directory,
             so budgets start at zero each run. Point it at a kept folder to make spending
@@ -176,6 +182,7 @@ class RunConfig:
     wire_dtype: str = "float32"
     site_ranks: str = ""
     epsilon_cap: float = 12.0
+    site_target_epsilon: float = 0.0
     sites_dir: str = ""
     cross_site_eval: bool = True
     continual: str = "naive"
@@ -250,7 +257,6 @@ class RunConfig:
                  f"{self.num_sites} comma-separated integers in 1..lora-rank={self.lora_rank}")
             need(self.strategy != "ffa-lora", "site-ranks",
                  "empty with strategy ffa-lora (its frozen A has the global rank; use exact)")
-        need(self.epsilon_cap > 0, "epsilon-cap", "a positive number")
         need(self.continual in CONTINUAL_METHODS, "continual",
              f"one of {', '.join(CONTINUAL_METHODS)}")
         need(self.phases >= 2, "phases", "an integer >= 2")
@@ -274,8 +280,7 @@ class RunConfig:
                     and self.site_ranks.strip()):
                 errors.append("site-incremental 'ewc' sums the sites' Fishers at the server, "
                               "which needs one LoRA rank: leave 'site-ranks' empty")
-        need(self.site_noise_multiplier > 0, "site-noise-multiplier", "a positive number")
-        need(self.site_clip_norm > 0, "site-clip-norm", "a positive number")
+        self._check_privacy(need)
         need(self.min_train_sites >= 1, "min-train-sites", "an integer >= 1")
         need(self.round_timeout > 0, "round-timeout", "a number of seconds > 0")
         self._check_model(need)
@@ -297,6 +302,16 @@ class RunConfig:
              "left at its default with 'backbone-path' (the weights are the checkpoint's)")
         need(self.train_decoder in TRAIN_DECODER, "train-decoder",
              f"one of {', '.join(TRAIN_DECODER)}")
+
+    def _check_privacy(self, need: Any) -> None:
+        """The simulated sites' policy keys and site-level DP (``need`` as below)."""
+        need(self.epsilon_cap > 0, "epsilon-cap", "a positive number")
+        need(0 <= self.site_target_epsilon <= self.epsilon_cap, "site-target-epsilon",
+             f"0 (off) or a number in (0, epsilon-cap={self.epsilon_cap}]")
+        need(self.dp or self.site_target_epsilon == 0, "site-target-epsilon",
+             "0 when dp is off (there is no noise to calibrate)")
+        need(self.site_noise_multiplier > 0, "site-noise-multiplier", "a positive number")
+        need(self.site_clip_norm > 0, "site-clip-norm", "a positive number")
 
     def _check_drift(self, need: Any) -> None:
         """The ``drift-*`` keys (``need(ok, key, expected)`` collects an error)."""

@@ -164,7 +164,9 @@ def is_budget_refusal(reason: str) -> bool:
 
 def noise_for_target(epsilon_per_round: float, *, delta: float, sample_rate: float,
                      steps: int, accountant: str = "rdp") -> float:
-    """σ that gives ``epsilon_per_round`` for one round (Opacus get_noise_multiplier)."""
+    """σ that gives ``epsilon_per_round`` for one round of ``steps`` steps at rate
+    ``sample_rate`` (Opacus get_noise_multiplier; pass ``rounds × steps`` for a run of
+    identical rounds)."""
     from opacus.accountants.utils import get_noise_multiplier
 
     return float(get_noise_multiplier(target_epsilon=epsilon_per_round, target_delta=delta,

@@ -10,6 +10,7 @@ Example ``policy.toml``::
     accountant = "rdp"           # or "prv"
     max_rounds_per_run = 100
     target_epsilon_per_round = 0.0  # > 0: the site picks σ itself for this ε per round
+    target_epsilon_per_run = 0.0    # > 0: ... for this ε over max_rounds_per_run rounds
     allow_non_dp = false         # true only for research sites: non-DP rounds are unaccounted
 
 A missing or unreadable policy is an error (privacy fails closed).
@@ -52,6 +53,13 @@ class SitePolicy:
         target_epsilon_per_round: When > 0, the site derives its own noise multiplier
             for a round from this ε target (Opacus ``get_noise_multiplier``) and uses
             the larger of it and the server's request.
+        target_epsilon_per_run: When > 0, the site derives its own noise multiplier
+            so that ``max_rounds_per_run`` rounds of the planned mechanism compose (same
+            q and steps every round: one mechanism of ``rounds × steps`` steps, exact for
+            RDP and PRV) to this ε, and uses the larger of it and the server's request.
+            Each site then calibrates σ to its own sample rate (Abadi et al. 2016;
+            Mironov 2017) instead of the whole federation using the σ its smallest site
+            needs. A calibration only: the cap and the noise floor still decide.
         allow_non_dp: Allow rounds without DP-SGD. Such rounds release updates that no
             accountant covers (a documented leak), so the default is False and a
             non-DP request is refused.
@@ -65,6 +73,7 @@ class SitePolicy:
     accountant: str = "rdp"
     max_rounds_per_run: int = 1000
     target_epsilon_per_round: float = 0.0
+    target_epsilon_per_run: float = 0.0
     allow_non_dp: bool = False
 
     def __post_init__(self) -> None:
@@ -93,6 +102,11 @@ class SitePolicy:
                 and math.isfinite(self.target_epsilon_per_round)
                 and 0 <= self.target_epsilon_per_round <= self.epsilon_cap):
             raise bad("target_epsilon_per_round", self.target_epsilon_per_round,
+                      f"use 0 (off) or a number in (0, epsilon_cap={self.epsilon_cap}]")
+        if not (isinstance(self.target_epsilon_per_run, (int, float))
+                and math.isfinite(self.target_epsilon_per_run)
+                and 0 <= self.target_epsilon_per_run <= self.epsilon_cap):
+            raise bad("target_epsilon_per_run", self.target_epsilon_per_run,
                       f"use 0 (off) or a number in (0, epsilon_cap={self.epsilon_cap}]")
         if not isinstance(self.allow_non_dp, bool):
             raise bad("allow_non_dp", self.allow_non_dp, "use true or false")
