@@ -16,6 +16,17 @@ def _fresh_site_runtime():
     runtime.clear()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny convolutions are faster on one thread than contending for shared cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 #: Test modules that run real processes or several federations, minutes each on 2 cores,
 #: longest first. The suite runs on 2 workers, one module per worker
 #: (``-n 2 --dist loadscope``, README); collected first, these start while the rest of the

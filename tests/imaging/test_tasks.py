@@ -24,15 +24,6 @@ def evaluate_segmentation(model, data, *, num_classes):
     return loss, m["dice"]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny convolutions are faster on one thread than contending for shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_unetr_lora_dp_step_and_dice(one_thread):
     check_dp("unetr-2d", "lora")
     model = attach_peft(build_backbone("unetr-2d", num_classes=2, img_size=(32, 32),

@@ -27,14 +27,6 @@ TINY = ModelSpec(image_size=16, hidden_size=32, mlp_dim=64, num_heads=2, num_cla
 PREFIX = "base_model.model."
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _groups(names) -> dict[str, set[str]]:
     """Top-level UNETR module -> the kinds of trainable tensors under it."""
     out: dict[str, set[str]] = {}
