@@ -116,6 +116,9 @@ def _add_run_args(p: argparse.ArgumentParser, d: RunConfig) -> None:
                    "--rounds a continual run has 2 rounds per phase")
     p.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
                    help=f"aggregation strategy (default {d.strategy}; ffa-lora is exact under DP)")
+    p.add_argument("--server-lr", type=nonneg_float, default=d.server_lr,
+                   help="server learning rate of fedadam / fedyogi (default 0: Flower's, "
+                        "0.1 / 0.01)")
     p.add_argument("--min-train-sites", type=positive_int, default=d.min_train_sites,
                    help="fewest sites that must train for a round to update the global "
                    f"adapter; a round with fewer is recorded as failed (default "
@@ -231,7 +234,7 @@ def _simulate(args: argparse.Namespace) -> int:
                     noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm,
                     local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size,
                     site_train_size=args.train_size, site_test_size=args.test_size,
-                    amp=not args.no_amp, strategy=args.strategy,
+                    amp=not args.no_amp, strategy=args.strategy, server_lr=args.server_lr,
                     min_train_sites=args.min_train_sites, epsilon_cap=args.epsilon_cap,
                     site_target_epsilon=args.site_target_epsilon,
                     round_timeout=args.round_timeout,

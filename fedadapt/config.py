@@ -11,7 +11,8 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from fedadapt.names import SECAGG_NOISES, SECAGG_STRATEGIES, STRATEGIES, WIRE_DTYPES
+from fedadapt.names import (SECAGG_NOISES, SECAGG_STRATEGIES, SERVER_OPT, STRATEGIES,
+                            WIRE_DTYPES)
 
 DEVICES = ("auto", "cpu", "cuda")
 CONTINUAL_METHODS = ("naive", "ewc", "lwf", "replay", "olora")
@@ -54,6 +55,11 @@ class RunConfig:
         strategy: Aggregation strategy (``strategies/``): fedavg, ffa-lora,
             exact, median, trimmed-mean, fedprox, fedadam, fedyogi.
         proximal_mu: FedProx proximal weight μ (used by ``fedprox``).
+        server_lr: Server learning rate η of ``fedadam`` / ``fedyogi`` (adaptive federated
+            optimisation, Reddi et al. ICLR 2021); 0 keeps Flower's default (FedAdam 0.1,
+            FedYogi 0.01). On Br35H, FedAdam at 0.1 collapsed to chance: each entry of the
+            adapter moves by about η in the first round whatever its gradient's size
+            (BENCHMARKS.md), so start near the sites' own lr·steps (e.g. 0.001-0.01).
         personal_keys: Comma-separated tensor-name substrings each *simulated* site keeps
             local (FedPer / FedBN-style personalisation, e.g. ``head`` or ``norm``); empty
             for none. A deployed site sets its own in ``site.toml``.
@@ -178,6 +184,7 @@ class RunConfig:
     scenario: str = ""
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
+    server_lr: float = 0.0
     personal_keys: str = ""
     wire_dtype: str = "float32"
     site_ranks: str = ""
@@ -247,6 +254,9 @@ class RunConfig:
         need(bool(self.out_dir), "out-dir", "a folder path")
         need(self.strategy in STRATEGIES, "strategy", f"one of {', '.join(STRATEGIES)}")
         need(self.proximal_mu >= 0, "proximal-mu", "a number >= 0")
+        need(self.server_lr >= 0 and (self.server_lr == 0 or self.strategy in SERVER_OPT),
+             "server-lr", f"0 (Flower's default), or > 0 with strategy "
+             f"{' or '.join(SERVER_OPT)} (strategy {self.strategy!r} has no server optimiser)")
         need(all(k.strip() for k in self.personal_keys.split(",")) or not self.personal_keys,
              "personal-keys", "comma-separated non-empty tensor-name substrings, or empty")
         need(self.wire_dtype in WIRE_DTYPES, "wire-dtype", f"one of {', '.join(WIRE_DTYPES)}")

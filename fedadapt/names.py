@@ -9,6 +9,10 @@ from typing import Final
 STRATEGIES: Final = ("fedavg", "ffa-lora", "exact", "median", "trimmed-mean", "fedprox",
                      "fedadam", "fedyogi")
 
+# Strategies with a server optimiser whose learning rate ``server-lr`` sets (Flower's
+# FedAdam / FedYogi, Reddi et al. ICLR 2021).
+SERVER_OPT: Final = ("fedadam", "fedyogi")
+
 # dtypes adapter tensors may travel in (``RunConfig.wire_dtype``, :mod:`strategies.wire`).
 WIRE_DTYPES: Final = ("float32", "bfloat16", "float16")
 

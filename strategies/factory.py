@@ -29,7 +29,7 @@ def build_strategy(name: str, cfg: RunConfig, *, validate: bool = True) -> Strat
 
     Args:
         name: Strategy name.
-        cfg: Run config (number of sites, LoRA rank, proximal μ, wire dtype).
+        cfg: Run config (number of sites, LoRA rank, proximal μ, server lr, wire dtype).
         validate: Wrap in :class:`strategies.validation.Validated` (default), which
             takes replies as they came off the wire (``cfg.wire_dtype``) and hands the
             inner strategy float32 tensors.
@@ -51,9 +51,9 @@ def build_strategy(name: str, cfg: RunConfig, *, validate: bool = True) -> Strat
     elif name == "fedprox":
         inner = FedProx(proximal_mu=cfg.proximal_mu, **common)
     elif name == "fedadam":
-        inner = FedAdam(**common)
+        inner = FedAdam(**common, **({"eta": cfg.server_lr} if cfg.server_lr else {}))
     else:
-        inner = FedYogi(**common)
+        inner = FedYogi(**common, **({"eta": cfg.server_lr} if cfg.server_lr else {}))
     if cfg.site_dp:
         inner = SiteLevelDP(inner, noise_multiplier=cfg.site_noise_multiplier,
                             clip_norm=cfg.site_clip_norm, num_sites=cfg.num_sites,

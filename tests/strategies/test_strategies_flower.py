@@ -26,8 +26,8 @@ def _state(g, r=4):
             HEAD: torch.randn(3, 16, generator=g)}
 
 
-def _round(name, states, weights, sent):
-    cfg = RunConfig(num_sites=len(states), lora_rank=12, dp=False)
+def _round(name, states, weights, sent, **cfg_kw):
+    cfg = RunConfig(num_sites=len(states), lora_rank=12, dp=False, strategy=name, **cfg_kw)
     strategy = build_strategy(name, cfg)
     msgs = list(strategy.configure_train(1, ArrayRecord(sent), ConfigRecord({}),
                                          FakeGrid(len(states))))
@@ -159,3 +159,34 @@ def test_unknown_strategy_is_rejected():
         RunConfig(strategy="nope")
     with pytest.raises(ValueError, match="unknown"):
         build_strategy("nope", RunConfig())
+
+
+@pytest.mark.parametrize("name, flower_eta", [("fedadam", 0.1), ("fedyogi", 0.01)])
+def test_server_lr_is_the_server_optimisers_step(name, flower_eta):
+    """A first server-optimiser step is η × (a function of the sites' mean delta):
+    ``server-lr`` scales it linearly, and 0 keeps Flower's default η."""
+    g = torch.Generator().manual_seed(2)
+    states, w, sent = [_state(g) for _ in range(3)], [10, 20, 40], _state(g)
+
+    def step(**kw):
+        _, agg = _round(name, [dict(st) for st in states], w, dict(sent), **kw)
+        return {n: agg[n] - sent[n] for n in sent}
+
+    one, two, default, flower = (step(server_lr=1e-3), step(server_lr=2e-3), step(),
+                                 step(server_lr=flower_eta))
+    for n in sent:
+        assert one[n].abs().max() > 0
+        torch.testing.assert_close(two[n], 2 * one[n], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(default[n], flower[n])
+        torch.testing.assert_close(flower[n], flower_eta / 1e-3 * one[n], rtol=1e-4,
+                                   atol=1e-6)
+
+
+def test_server_lr_needs_a_server_optimiser():
+    from fedadapt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="server-lr.*'fedavg' has no server optimiser"):
+        RunConfig(server_lr=0.01)
+    with pytest.raises(ConfigError, match="server-lr"):
+        RunConfig(strategy="fedadam", server_lr=-1.0)
+    assert RunConfig(strategy="fedyogi", server_lr=0.003).server_lr == 0.003
