@@ -11,14 +11,11 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from fedadapt.names import (SECAGG_NOISES, SECAGG_STRATEGIES, SERVER_OPT, STRATEGIES,
-                            WIRE_DTYPES)
+from fedadapt.config_checks import (CONTINUAL_METHODS, CONTINUAL_SCENARIOS, DEVICES,
+                                    TRAIN_DECODER, run_config_errors)
 
-DEVICES = ("auto", "cpu", "cuda")
-CONTINUAL_METHODS = ("naive", "ewc", "lwf", "replay", "olora")
-CONTINUAL_SCENARIOS = ("site-incremental", "domain-incremental")
-#: ``train-decoder``: the scenario's choice, or on / off whatever it says.
-TRAIN_DECODER = ("auto", "on", "off")
+__all__ = ["CONTINUAL_METHODS", "CONTINUAL_SCENARIOS", "DEVICES", "TRAIN_DECODER",
+           "ConfigError", "RunConfig"]
 
 
 class ConfigError(ValueError):
@@ -225,165 +222,9 @@ class RunConfig:
     drift_shift_offset: float = 0.5
 
     def __post_init__(self) -> None:
-        errors = []
-
-        def need(cond: bool, key: str, expected: str) -> None:
-            if not cond:
-                value = getattr(self, key.replace("-", "_"))
-                errors.append(f"'{key}' must be {expected}, got {value!r}")
-
-        need(self.num_server_rounds >= 1, "num-server-rounds", "an integer >= 1")
-        need(self.num_sites >= 1, "num-sites", "an integer >= 1")
-        need(self.local_epochs >= 1, "local-epochs", "an integer >= 1")
-        need(self.lr > 0, "lr", "a positive number")
-        need(self.batch_size >= 1, "batch-size", "an integer >= 1")
-        need(self.noise_multiplier >= 0, "noise-multiplier", "a number >= 0")
-        need(self.max_grad_norm > 0, "max-grad-norm", "a positive number")
-        need(0 < self.delta < 1, "delta", "a number in (0, 1)")
-        need(self.lora_rank >= 1, "lora-rank", "an integer >= 1")
-        need(self.lora_alpha > 0, "lora-alpha", "a positive number")
-        need(self.device in DEVICES, "device", f"one of {', '.join(DEVICES)}")
-        need(self.site_train_size >= 8, "site-train-size", "an integer >= 8")
-        need(self.site_test_size >= 4, "site-test-size", "an integer >= 4")
-        need(self.image_size >= 16 and self.image_size % 4 == 0, "image-size", "a multiple of 4, at least 16")
-        if self.scenario and not self.is_continual:  # a scenario's own classes or labels
-            need(self.num_classes >= 2, "num-classes", "an integer >= 2")
-        else:
-            need(2 <= self.num_classes <= 3, "num-classes",
-                 "2 or 3 (the synthetic task has 3 classes)")
-        need(bool(self.out_dir), "out-dir", "a folder path")
-        need(self.strategy in STRATEGIES, "strategy", f"one of {', '.join(STRATEGIES)}")
-        need(self.proximal_mu >= 0, "proximal-mu", "a number >= 0")
-        need(self.server_lr >= 0 and (self.server_lr == 0 or self.strategy in SERVER_OPT),
-             "server-lr", f"0 (Flower's default), or > 0 with strategy "
-             f"{' or '.join(SERVER_OPT)} (strategy {self.strategy!r} has no server optimiser)")
-        need(all(k.strip() for k in self.personal_keys.split(",")) or not self.personal_keys,
-             "personal-keys", "comma-separated non-empty tensor-name substrings, or empty")
-        need(self.wire_dtype in WIRE_DTYPES, "wire-dtype", f"one of {', '.join(WIRE_DTYPES)}")
-        if self.site_ranks:
-            ranks = [r.strip() for r in self.site_ranks.split(",")]
-            fits = all(r.isdigit() and 1 <= int(r) <= self.lora_rank for r in ranks)
-            need(len(ranks) == self.num_sites and fits, "site-ranks",
-                 f"{self.num_sites} comma-separated integers in 1..lora-rank={self.lora_rank}")
-            need(self.strategy != "ffa-lora", "site-ranks",
-                 "empty with strategy ffa-lora (its frozen A has the global rank; use exact)")
-        need(self.continual in CONTINUAL_METHODS, "continual",
-             f"one of {', '.join(CONTINUAL_METHODS)}")
-        need(self.phases >= 2, "phases", "an integer >= 2")
-        need(self.ewc_lambda >= 0, "ewc-lambda", "a number >= 0")
-        if self.continual == "ewc" and self.lr * self.ewc_lambda >= 2:
-            errors.append(f"'lr' x 'ewc-lambda' = {self.lr * self.ewc_lambda:g} >= 2: the EWC "
-                          "penalty step would diverge; lower 'ewc-lambda' below "
-                          f"{2 / self.lr:g}")
-        need(self.ewc_clip > 0, "ewc-clip", "a positive number")
-        need(self.lwf_alpha >= 0, "lwf-alpha", "a number >= 0")
-        need(self.olora_lambda >= 0, "olora-lambda", "a number >= 0")
-        need(self.replay_size >= 1, "replay-size", "an integer >= 1")
-        if self.scenario in CONTINUAL_SCENARIOS:
-            if self.num_server_rounds % self.phases:
-                errors.append(f"'num-server-rounds' ({self.num_server_rounds}) must be a multiple "
-                              f"of 'phases' ({self.phases}) in a continual scenario")
-            if self.scenario == "site-incremental" and self.num_sites < self.phases:
-                errors.append(f"site-incremental needs 'num-sites' >= 'phases' (one new site "
-                              f"per phase), got {self.num_sites} < {self.phases}")
-            if (self.scenario == "site-incremental" and self.continual == "ewc"
-                    and self.site_ranks.strip()):
-                errors.append("site-incremental 'ewc' sums the sites' Fishers at the server, "
-                              "which needs one LoRA rank: leave 'site-ranks' empty")
-        self._check_privacy(need)
-        need(self.min_train_sites >= 1, "min-train-sites", "an integer >= 1")
-        need(self.round_timeout > 0, "round-timeout", "a number of seconds > 0")
-        self._check_model(need)
-        self._check_drift(need)
-        if self.dp and self.noise_multiplier == 0:
-            errors.append("'noise-multiplier' is 0 while 'dp' is on: that is no privacy at all; "
-                          "set a positive noise multiplier or turn DP off explicitly (--no-dp)")
-        errors.extend(self._secagg_errors())
+        errors = run_config_errors(self)
         if errors:
             raise ConfigError("invalid run config:\n  " + "\n  ".join(errors))
-
-    def _check_model(self, need: Any) -> None:
-        """The model keys (``need(ok, key, expected)`` collects an error)."""
-        need(self.backbone_weights in ("builtin", "random") or self.backbone_weights.lower()
-             .endswith((".safetensors", ".pt", ".pth")), "backbone-weights",
-             "'builtin', 'random' or a .safetensors/.pt/.pth file path")
-        need(not self.backbone_path or self.backbone_weights in ("builtin", "random"),
-             "backbone-weights",
-             "left at its default with 'backbone-path' (the weights are the checkpoint's)")
-        need(self.train_decoder in TRAIN_DECODER, "train-decoder",
-             f"one of {', '.join(TRAIN_DECODER)}")
-
-    def _check_privacy(self, need: Any) -> None:
-        """The simulated sites' policy keys and site-level DP (``need`` as below)."""
-        need(self.epsilon_cap > 0, "epsilon-cap", "a positive number")
-        need(0 <= self.site_target_epsilon <= self.epsilon_cap, "site-target-epsilon",
-             f"0 (off) or a number in (0, epsilon-cap={self.epsilon_cap}]")
-        need(self.dp or self.site_target_epsilon == 0, "site-target-epsilon",
-             "0 when dp is off (there is no noise to calibrate)")
-        need(self.site_noise_multiplier > 0, "site-noise-multiplier", "a positive number")
-        need(self.site_clip_norm > 0, "site-clip-norm", "a positive number")
-
-    def _check_drift(self, need: Any) -> None:
-        """The ``drift-*`` keys (``need(ok, key, expected)`` collects an error)."""
-        need(0 < self.drift_alpha < 1, "drift-alpha", "a number in (0, 1)")
-        need(8 <= self.drift_window <= 4096, "drift-window", "an integer in 8..4096")
-        need(self.drift_shift_gain > 0, "drift-shift-gain", "a positive number")
-        if self.drift_shift:
-            site, _, rnd = self.drift_shift.rpartition(":")
-            need(bool(site.strip()) and rnd.isdigit() and int(rnd) >= 1, "drift-shift",
-                 "'SITE:ROUND' (a site name or partition index, a round >= 1), or empty")
-            need(self.drift_monitor, "drift-shift",
-                 "empty unless 'drift-monitor' is true (a shift nothing watches)")
-
-    def _secagg_errors(self) -> list[str]:
-        """Why the secure-aggregation keys do not fit together (empty if they do).
-
-        Secure aggregation hides every individual update from the server, so anything
-        that needs one is refused together with it rather than silently weakened."""
-        errors = []
-        if self.secagg_clip_norm <= 0:
-            errors.append(f"'secagg-clip-norm' must be a positive number, got "
-                          f"{self.secagg_clip_norm!r}")
-        if self.secagg_max_weight < 0:
-            errors.append(f"'secagg-max-weight' must be an integer >= 0, got "
-                          f"{self.secagg_max_weight!r}")
-        if self.secagg_noise not in SECAGG_NOISES:
-            errors.append(f"'secagg-noise' must be one of {', '.join(SECAGG_NOISES)}, got "
-                          f"{self.secagg_noise!r}")
-        if self.secagg_noise_multiplier <= 0:
-            errors.append(f"'secagg-noise-multiplier' must be a positive number, got "
-                          f"{self.secagg_noise_multiplier!r}")
-        if not self.secure_aggregation:
-            if self.secagg_noise != "none":
-                errors.append(f"'secagg-noise' = {self.secagg_noise!r} needs "
-                              "'secure-aggregation' = true (the noise shares only protect "
-                              "the sum)")
-            return errors
-        why = "needs each site's individual update, which secure aggregation hides"
-        if self.strategy not in SECAGG_STRATEGIES:
-            reason = why if self.strategy in ("exact", "median", "trimmed-mean") else \
-                "aggregates with a server optimiser not wired to secure aggregation"
-            errors.append(f"'strategy' = {self.strategy!r} {reason}; with "
-                          f"'secure-aggregation' use one of {', '.join(SECAGG_STRATEGIES)}")
-        if self.site_dp:
-            errors.append(f"'site-dp' (server-side clipping of each update) {why}; use "
-                          "'secagg-noise' = \"skellam\" for site-level DP with secure "
-                          "aggregation")
-        if self.is_continual:
-            errors.append(f"'scenario' = {self.scenario!r}: continual scenarios are not "
-                          "supported with 'secure-aggregation' yet")
-        if self.num_sites < 3:
-            errors.append(f"'secure-aggregation' needs 'num-sites' >= 3, got "
-                          f"{self.num_sites} (with 2, each site could subtract its own "
-                          "update from the sum)")
-        shares = self.secagg_num_shares or self.num_sites
-        if not 2 <= self.secagg_threshold <= min(shares, self.num_sites):
-            errors.append(f"'secagg-threshold' must be in 2..{min(shares, self.num_sites)} "
-                          f"(the shares each site makes), got {self.secagg_threshold}")
-        if self.secagg_num_shares and not 3 <= self.secagg_num_shares <= self.num_sites:
-            errors.append(f"'secagg-num-shares' must be 0 or in 3..num-sites="
-                          f"{self.num_sites}, got {self.secagg_num_shares}")
-        return errors
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "RunConfig":
