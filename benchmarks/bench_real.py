@@ -29,7 +29,7 @@ model on its own split). The size-only baseline (``imaging.leakage``) is fitted 
     python benchmarks/bench_real.py [--side 64] [--rounds 10] [--seeds 0,1]
         [--epsilons 1,3,8,inf] [--backbones builtin,random] [--fraction 1.0]
         [--lr 0.005] [--lr-dp LR] [--sigma max|per-site]
-        [--server fedavg|fedprox|fedavgm|fedadam|fedyogi] [--server-lr ETA]
+        [--server fedavg|fedprox|fedavgm|fedadam|fedyogi|fednova|scaffold] [--server-lr ETA]
         [--server-momentum B] [--proximal-mu MU] [--local-share S] [--cache-dir DIR]
         [--out results.json]
 """
@@ -55,6 +55,8 @@ from fedadapt.imaging.leakage import size_baseline
 from fedadapt.imaging.packaged import assign, pool
 from fedadapt.imaging.scenario import Scenario, load_scenario, site_data
 from fedadapt.privacy.dp import DPRequest
+from fedadapt.strategies.lora_math import weighted_mean
+from fedadapt.strategies.scaffold import correction, momentum_norm, site_variate
 
 INF = math.inf
 PREFIX_BLOCKS = 14  # blocks 0..13: frozen, no LoRA (imaging.efficientnet.LORA_TARGETS)
@@ -144,7 +146,10 @@ def shuffled(sites, seed: int):
 class ServerOpt:
     """The server's step from the size-weighted mean of the sites' tensors.
 
-    ``fedavg`` / ``fedprox``: the mean itself (FedProx acts at the sites). ``fedavgm``:
+    ``fedavg`` / ``fedprox`` / ``scaffold`` / ``fednova``: the mean itself (FedProx and
+    SCAFFOLD act at the sites: ``strategies.scaffold``'s control variates, computed
+    here with the product's functions; FedNova, Wang et al. NeurIPS 2020, rescales each
+    site's update by τ_eff / ‖a_k‖₁ before the mean, ``fednova_states``). ``fedavgm``:
     server momentum ``v ← β v + Δ``, ``w ← w + η v`` (Hsu et al. 2019). ``fedadam`` /
     ``fedyogi``: the arithmetic of Flower 1.41's ``FedAdam`` / ``FedYogi`` (Reddi et al.,
     ICLR 2021: Δ = mean − w, m ← β₁m + (1−β₁)Δ, Adam's v with its bias-corrected η, or
@@ -163,7 +168,7 @@ class ServerOpt:
 
     def step(self, rnd: int, glob: dict[str, torch.Tensor], avg: dict[str, torch.Tensor]
              ) -> dict[str, torch.Tensor]:
-        if self.name in ("fedavg", "fedprox"):
+        if self.name in ("fedavg", "fedprox", "fednova", "scaffold"):
             return avg
         d = {k: avg[k] - glob[k] for k in glob}
         if self.name == "fedavgm":
@@ -181,6 +186,16 @@ class ServerOpt:
                       for k in d}
             eta = self.eta
         return {k: glob[k] + eta * self.m[k] / (self.v[k].sqrt() + self.tau) for k in d}
+
+
+def fednova_states(glob, states, steps, sizes):
+    """Each site's end state with its update rescaled by τ_eff / ‖a_k‖₁, so that the
+    size-weighted mean is FedNova's step (τ_eff = Σ p_k ‖a_k‖₁)."""
+    norms = [momentum_norm(t) for t in steps]
+    total = sum(sizes)
+    t_eff = sum(n * a for n, a in zip(sizes, norms)) / total
+    return [{k: glob[k] + (s[k] - glob[k]) * (t_eff / a) for k in glob}
+            for s, a in zip(states, norms)]
 
 
 def local_part(tr: TensorDataset, a: argparse.Namespace, seed: int) -> TensorDataset:
@@ -238,15 +253,27 @@ def run_arm(arm: str, make, sites, eps: float, a: argparse.Namespace) -> float:
         requests = [site_dp(i) for i in range(len(sites))]
         server = ServerOpt(a.server, a)
         mu = a.proximal_mu if a.server == "fedprox" else 0.0
+        c, site_c = {}, [None] * len(sites)  # scaffold: strategies.scaffold's variates
+        params = dict(m.named_parameters())
         for rnd in range(a.rounds):
-            glob, states = trainable(m), []
+            glob, states, steps = trainable(m), [], []
             for i, (tr, _) in enumerate(sites):
                 load(m, glob)
-                train(m, local_part(tr, a, a.seed + rnd), epochs=a.local_epochs, lr=lr,
-                      batch_size=a.batch, device=dev, seed=a.seed + 1000 * rnd + 10 * i,
-                      dp=requests[i], proximal_mu=mu)
+                fix = correction(c, site_c[i]) if c else {}
+                res = train(m, local_part(tr, a, a.seed + rnd), epochs=a.local_epochs,
+                            lr=lr, batch_size=a.batch, device=dev,
+                            seed=a.seed + 1000 * rnd + 10 * i, dp=requests[i],
+                            proximal_mu=mu,
+                            grad_correction=[(params[k], d) for k, d in fix.items()])
                 states.append(trainable(m))
+                steps.append(res.steps)
             total = sum(sizes)
+            if a.server == "scaffold":
+                site_c = [site_variate(site_c[i], c, glob, states[i], lr=lr, steps=steps[i])
+                          for i in range(len(sites))]
+                c = weighted_mean(site_c, sizes)
+            if a.server == "fednova":
+                states = fednova_states(glob, states, steps, sizes)
             avg = {k: sum(s[k] * n for s, n in zip(states, sizes)) / total for k in glob}
             load(m, server.step(rnd + 1, glob, avg))
         accs = [acc(m, te) for te in tests]
@@ -277,7 +304,8 @@ def main() -> None:
                    help="federated DP: one σ for all sites, the largest any site needs "
                    "(max), or each site its own σ for the same ε over the run (per-site)")
     p.add_argument("--server", choices=("fedavg", "fedprox", "fedavgm", "fedadam",
-                                        "fedyogi"), default="fedavg",
+                                        "fedyogi", "fednova", "scaffold"),
+                   default="fedavg",
                    help="the server's update of the federated arms (see ServerOpt)")
     p.add_argument("--server-lr", type=float, default=None,
                    help="server η (default: Flower's: FedAdam 0.1, FedYogi 0.01; 1.0)")

@@ -34,6 +34,7 @@ from fedadapt.privacy.guard import Decision, TrainRequest, is_budget_refusal
 from fedadapt.privacy.record_budget import RecordBudget
 from fedadapt.strategies import wire
 from fedadapt.strategies.lora_math import change_rank
+from fedadapt.strategies.scaffold import received_correction
 
 
 def _site(context: Context, run_config: Mapping[str, Any] | None) -> Site:
@@ -233,7 +234,8 @@ def handle_train(msg: Message, context: Context,
     policy = budgets[0].policy
     out = site_round(site, model, hooks.train_set, cfg, budgets=budgets, policy=policy,
                      run_id=str(msg.metadata.run_id), hooks=hooks,
-                     monitor=_monitor(site, context, cfg))
+                     monitor=_monitor(site, context, cfg),
+                     correction=received_correction(msg))
     if isinstance(out, Refused):
         return _refusal(msg, site, out.decision, out.cap)
     if memory is not None:

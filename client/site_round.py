@@ -13,7 +13,7 @@ budget) and the DP wiring (the audit's ``--broken`` emulations).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from fedadapt.client.budget import planned_round
 from fedadapt.client.continual import ContinualRound
 from fedadapt.client.site import Site
 from fedadapt.client.train import TrainResult, resolve_device, train
-from fedadapt.imaging.backbones import trainable_state
+from fedadapt.imaging.backbones import trainable_parameters, trainable_state
 from fedadapt.imaging.tasks import task_loss
 from fedadapt.messages import DriftReport, TrainConfig
 from fedadapt.privacy.accounting import Mechanism, epsilon
@@ -116,7 +116,8 @@ def site_round(site: Site, model: nn.Module, train_set: Dataset, cfg: TrainConfi
                hooks: ContinualRound | None = None,
                dp_request: Callable[[TrainConfig, TrainRequest], DPRequest | None] = _dp,
                wiring: Wiring = make_private,
-               monitor: Callable[[nn.Module], DriftReport] | None = None) -> Refused | Trained:
+               monitor: Callable[[nn.Module], DriftReport] | None = None,
+               correction: Mapping[str, torch.Tensor] | None = None) -> Refused | Trained:
     """Run one round of training at ``site`` on ``train_set``.
 
     Args:
@@ -135,11 +136,16 @@ def site_round(site: Site, model: nn.Module, train_set: Dataset, cfg: TrainConfi
         monitor: The site's drift monitor (``client.drift_monitor.monitor_round``), run
             on the received model once the guard allows the round and before training;
             None (the audit) runs none.
+        correction: SCAFFOLD's ``c − c_i`` by tensor name (``strategies.scaffold``),
+            added to every gradient step after DP noise; None without one.
 
     Raises:
         RuntimeError: If training ran another mechanism (q, steps) than the guard priced;
             the update is withheld.
+        ValueError: If ``correction`` does not match the trained tensors (checked before
+            the guard: nothing is spent).
     """
+    pairs = correction_pairs(site, model, correction) if correction is not None else []
     request = plan_round(len(train_set), cfg, policy)  # type: ignore[arg-type]
     for budget in budgets:
         decision = budget.decide(request, run_id=run_id)
@@ -153,7 +159,7 @@ def site_round(site: Site, model: nn.Module, train_set: Dataset, cfg: TrainConfi
                    seed=round_seed(site.run.seed, site.index, cfg.server_round), dp=dp,
                    amp=site.run.amp, proximal_mu=cfg.proximal_mu,
                    param_penalty=hooks.param_penalty, extra_loss=hooks.extra_loss,
-                   loss_fn=task_loss(site.task), wiring=wiring)
+                   loss_fn=task_loss(site.task), wiring=wiring, grad_correction=pairs)
     eps_total = eps_round = 0.0
     if dp is not None:
         if (result.sample_rate, result.steps) != (request.sample_rate, request.steps):
@@ -169,6 +175,36 @@ def site_round(site: Site, model: nn.Module, train_set: Dataset, cfg: TrainConfi
                                            request.steps)],
                                 delta=policy.delta, accountant=policy.accountant)
     return Trained(result, request, eps_total, eps_round, reply_state(site, model), drift)
+
+
+def correction_pairs(site: Site, model: nn.Module, correction: Mapping[str, torch.Tensor]
+                     ) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """``(parameter, c − c_i)`` pairs for ``train``'s ``grad_correction``.
+
+    Raises:
+        ValueError: If the site personalises tensors (their variates are meaningless),
+            or the correction's names, shapes or values do not fit the trained tensors.
+    """
+    where = f"site {site.name}: the server's SCAFFOLD correction"
+    if site.personalised_keys:
+        raise ValueError(f"{where} cannot be used: this site personalises "
+                         f"{list(site.personalised_keys)}, which do not start from the global "
+                         "tensors; remove personalised_keys from site.toml or ask the server "
+                         "for another strategy")
+    params = trainable_parameters(model)
+    if set(correction) != set(params):
+        diff = sorted(set(correction) ^ set(params))
+        raise ValueError(f"{where} names other tensors than this site trains: {diff[:3]} "
+                         f"(expected the {len(params)} trainable tensors of the run's model)")
+    pairs = []
+    for name, p in params.items():
+        d = correction[name]
+        if d.shape != p.shape or not torch.isfinite(d).all():
+            raise ValueError(f"{where}: {name} has shape {tuple(d.shape)}"
+                             f"{'' if torch.isfinite(d).all() else ' and non-finite values'}"
+                             f", expected {tuple(p.shape)} finite values")
+        pairs.append((p, d))
+    return pairs
 
 
 def reply_state(site: Site, model: nn.Module) -> dict[str, torch.Tensor]:

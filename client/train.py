@@ -11,14 +11,16 @@ guarantee does not depend on it).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.hooks import RemovableHandle
 
 from fedadapt.continual.penalty import penalty_step
+from fedadapt.names import SGD_MOMENTUM
 from fedadapt.imaging.tasks import SCORE, Loss, TaskScores, task_loss
 from fedadapt.privacy.dp import DPRequest, Wiring, empty_batch, make_private
 
@@ -55,12 +57,41 @@ def _autocast(device: torch.device, amp: bool) -> torch.autocast:
                           enabled=amp and device.type == "cuda")
 
 
+def _correct_before_each_step(optimizer: torch.optim.Optimizer,
+                              grad_correction: Sequence[tuple[nn.Parameter, torch.Tensor]],
+                              device: torch.device) -> RemovableHandle | None:
+    """Hook ``grad_correction`` (see :func:`train`) on the SGD optimiser itself: Opacus'
+    DPOptimizer steps it after clipping and noising, so the correction is added after."""
+    if not grad_correction:
+        return None
+    pairs = [(p, d.to(device=device, dtype=p.dtype)) for p, d in grad_correction]
+
+    def add_correction(*_: object) -> None:
+        for p, d in pairs:
+            if p.grad is not None:
+                p.grad.add_(d)
+
+    return optimizer.register_step_pre_hook(add_correction)
+
+
+def _outside_dp(params: list[nn.Parameter], anchor: list[torch.Tensor], lr: float,
+                proximal_mu: float, param_penalty: Callable[[], torch.Tensor] | None) -> None:
+    """The data-independent steps after each optimiser step: FedProx, then the penalty."""
+    if anchor:
+        with torch.no_grad():
+            for p, p0 in zip(params, anchor):
+                p.sub_(lr * proximal_mu * (p - p0))
+    if param_penalty is not None:
+        penalty_step(params, param_penalty, lr)
+
+
 def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_size: int,
           device: torch.device, seed: int, dp: DPRequest | None = None,
           amp: bool = False, proximal_mu: float = 0.0,
           param_penalty: Callable[[], torch.Tensor] | None = None,
           extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-          loss_fn: Loss | None = None, wiring: Wiring = make_private) -> TrainResult:
+          loss_fn: Loss | None = None, wiring: Wiring = make_private,
+          grad_correction: Sequence[tuple[nn.Parameter, torch.Tensor]] = ()) -> TrainResult:
     """Train the trainable tensors of ``model`` on ``dataset`` in place.
 
     Args:
@@ -74,9 +105,8 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
         dp: DP-SGD parameters; ``None`` trains without DP.
         amp: bf16 autocast on CUDA.
         proximal_mu: FedProx (Li et al., MLSys 2020) weight μ of ``μ/2‖w − w_global‖²`` on
-            the trainable (adapter + head) tensors. Applied as a separate, data-independent
-            step ``w ← w − lr·μ·(w − w_global)`` after each optimiser step, so under DP-SGD
-            it is outside clipping and noise and costs no privacy.
+            the trainable tensors: a separate step ``w ← w − lr·μ·(w − w_global)`` after
+            each optimiser step, outside DP clipping and noise (no privacy cost).
         param_penalty: A continual-learning penalty on the trainable tensors only (EWC,
             O-LoRA; see ``continual.penalty``), applied the same way: a separate step
             ``w ← w − lr·∇penalty`` after each optimiser step, outside DP clipping/noise.
@@ -88,6 +118,9 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
         wiring: How ``dp`` is wired into model, optimiser and loader: Opacus with Poisson
             sampling (:func:`privacy.dp.make_private`); the empirical audit passes a
             deliberately broken one (``privacy.empirical.fixed_batches``).
+        grad_correction: ``(parameter, d)`` pairs (SCAFFOLD's ``c − c_i``): ``d`` is added
+            to the gradient before every SGD step, through momentum, after Opacus' clipping
+            and noise (data-independent: no privacy cost).
 
     Returns:
         The round's ``TrainResult``.
@@ -97,7 +130,8 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM)
+    hook = _correct_before_each_step(optimizer, grad_correction, device)
     n = len(dataset)  # type: ignore[arg-type]
     sample_rate = min(1.0, batch_size / n)
     net: nn.Module = model
@@ -106,8 +140,7 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
         net, optimizer, loader = wiring(model, optimizer, loader, request=dp,
                                         generator=noise_gen)
         sample_rate = 1.0 / len(loader)
-    loss_fn = loss_fn if loss_fn is not None else task_loss("classification")
-    steps, total = 0, 0.0
+    loss_fn, steps, total = loss_fn or task_loss("classification"), 0, 0.0
     for _ in range(epochs):
         for x, y in loader:
             x, y = x.to(device), y.to(device)
@@ -124,16 +157,13 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, batch_s
                 empty_batch(optimizer)  # type: ignore[arg-type]
                 loss = torch.zeros(())
             optimizer.step()
-            if anchor:
-                with torch.no_grad():
-                    for p, p0 in zip(params, anchor):
-                        p.sub_(lr * proximal_mu * (p - p0))
-            if param_penalty is not None:
-                penalty_step(params, param_penalty, lr)
+            _outside_dp(params, anchor, lr, proximal_mu, param_penalty)
             steps += 1
             total += loss.item()
     if dp is not None:
         net._close()  # remove Opacus hooks/attributes: the model is reused by the caller
+    if hook is not None:
+        hook.remove()
     return TrainResult(loss=total / max(steps, 1), steps=steps, sample_rate=sample_rate,
                        num_examples=n)
 

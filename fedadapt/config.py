@@ -50,7 +50,10 @@ class RunConfig:
             replace the default synthetic hospitals; empty for the defaults. Its task
             and dimensionality choose the model (``imaging.run_spec.run_model_spec``) and the sites' loss.
         strategy: Aggregation strategy (``strategies/``): fedavg, ffa-lora,
-            exact, median, trimmed-mean, fedprox, fedadam, fedyogi.
+            exact, median, trimmed-mean, fedprox, fedadam, fedyogi, scaffold (FedAvg with
+            SCAFFOLD control variates against client drift, Karimireddy et al. ICML 2020;
+            not with site-dp, personal-keys, site-ranks, secure aggregation or continual
+            scenarios).
         proximal_mu: FedProx proximal weight μ (used by ``fedprox``).
         server_lr: Server learning rate η of ``fedadam`` / ``fedyogi`` (adaptive federated
             optimisation, Reddi et al. ICLR 2021); 0 keeps Flower's default (FedAdam 0.1,

@@ -96,6 +96,7 @@ def run_config_errors(cfg: "RunConfig") -> list[str]:
     need(cfg.min_train_sites >= 1, "min-train-sites", "an integer >= 1")
     need(cfg.round_timeout > 0, "round-timeout", "a number of seconds > 0")
     _check_model(cfg, need)
+    errors.extend(_scaffold_errors(cfg))
     _check_drift(cfg, need)
     if cfg.dp and cfg.noise_multiplier == 0:
         errors.append("'noise-multiplier' is 0 while 'dp' is on: that is no privacy at all; "
@@ -140,6 +141,32 @@ def _check_drift(cfg: "RunConfig", need: Need) -> None:
              "empty unless 'drift-monitor' is true (a shift nothing watches)")
 
 
+def _scaffold_errors(cfg: "RunConfig") -> list[str]:
+    """Why ``strategy = "scaffold"`` does not fit the other keys (empty if it does).
+
+    SCAFFOLD's control variates assume every trained tensor starts from the global one
+    and are computed from each site's own update, so what breaks either is refused."""
+    if cfg.strategy != "scaffold":
+        return []
+    out = []
+    if cfg.site_dp:
+        out.append("'strategy' = \"scaffold\" with 'site-dp': the control variates are "
+                   "computed from the sites' un-noised updates and sent back to every site, "
+                   "which would release what site-level DP noises; use fedavg or fedprox "
+                   "with 'site-dp'")
+    if cfg.personal_keys.strip():
+        out.append("'strategy' = \"scaffold\" with 'personal-keys': a personalised tensor "
+                   "does not start from the global one, so its control variate is "
+                   "meaningless; leave 'personal-keys' empty")
+    if cfg.site_ranks.strip():
+        out.append("'strategy' = \"scaffold\" with 'site-ranks': a site's correction "
+                   "must have its tensors' shapes; leave 'site-ranks' empty")
+    if cfg.is_continual:
+        out.append(f"'strategy' = \"scaffold\" with 'scenario' = {cfg.scenario!r}: "
+                   "continual scenarios are not supported with scaffold yet")
+    return out
+
+
 def _secagg_errors(cfg: "RunConfig") -> list[str]:
     """Why the secure-aggregation keys do not fit together (empty if they do).
 
@@ -166,7 +193,7 @@ def _secagg_errors(cfg: "RunConfig") -> list[str]:
         return errors
     why = "needs each site's individual update, which secure aggregation hides"
     if cfg.strategy not in SECAGG_STRATEGIES:
-        reason = why if cfg.strategy in ("exact", "median", "trimmed-mean") else \
+        reason = why if cfg.strategy in ("exact", "median", "trimmed-mean", "scaffold") else \
             "aggregates with a server optimiser not wired to secure aggregation"
         errors.append(f"'strategy' = {cfg.strategy!r} {reason}; with "
                       f"'secure-aggregation' use one of {', '.join(SECAGG_STRATEGIES)}")

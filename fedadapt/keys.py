@@ -34,6 +34,9 @@ WIRE_DTYPE: Final = "wire-dtype"  # dtype the site replies its tensors in (strat
 # ArrayRecord sent with train messages of site-incremental ewc: the server's sum of the
 # earlier phases' DP diagonal Fishers (FedCurv-style, client/continual.py).
 FISHER: Final = "ewc-fisher"
+# ArrayRecord sent with each train message of a ``scaffold`` run: that site's control-variate
+# correction c − c_i (Karimireddy et al., ICML 2020), added to every local gradient step.
+SCAFFOLD_CORRECTION: Final = "scaffold-correction"
 # Flower message type of the server's end-of-phase query for a site's DP Fisher
 # (``ClientApp.query("ewc_fisher")``).
 QUERY_FISHER: Final = "query.ewc_fisher"

@@ -1,13 +1,18 @@
 """Names the run config accepts for components of the floors above (no imports).
 
 The core (:mod:`fedadapt.config`) validates a run config against these, and the
-packages that implement them (``strategies``) import them from here.
+packages that implement them (``strategies``) import them from here; so do the few
+constants that the server and the sites must agree on.
 """
 
 from typing import Final
 
 STRATEGIES: Final = ("fedavg", "ffa-lora", "exact", "median", "trimmed-mean", "fedprox",
-                     "fedadam", "fedyogi")
+                     "fedadam", "fedyogi", "scaffold")
+
+# The heavy-ball momentum of every site's local SGD (``client.train.train``); the
+# ``scaffold`` server must know it to turn an update into a mean gradient.
+SGD_MOMENTUM: Final = 0.9
 
 # Strategies with a server optimiser whose learning rate ``server-lr`` sets (Flower's
 # FedAdam / FedYogi, Reddi et al. ICLR 2021).

@@ -336,6 +336,11 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
             if p.requires_grad}
 
 
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable parameters themselves, by the names :func:`trainable_state` uses."""
+    return {n: p for n, p in _unwrap(model).named_parameters() if p.requires_grad}
+
+
 def load_trainable(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
     """Load adapter and head tensors into ``model``, strictly.
 

@@ -77,10 +77,10 @@ class RunLog:
         return self.rounds[-1]
 
     def sent(self, log: RoundLog, messages: list[Message]) -> None:
-        for msg in messages:
-            rec = msg.content[keys.ARRAYS]
-            self.wire_tensors.update(rec.keys())
-            log.bytes_down += payload_bytes(rec)
+        for msg in messages:  # the adapter, and any Fisher sum or SCAFFOLD correction
+            self.wire_tensors.update(msg.content[keys.ARRAYS].keys())
+            log.bytes_down += sum(payload_bytes(rec)
+                                  for rec in msg.content.array_records.values())
 
     def site_of(self, reply: Message) -> str:
         return reply_site(reply)

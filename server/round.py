@@ -27,7 +27,7 @@ from fedadapt.server.checkpoint import EVALUATED, NODE_SITES, resume, save_check
 from fedadapt.server.continual import ContinualTracker, collect_fisher, save_fisher, shares_fisher
 from fedadapt.server.exchange import exchange, go_on_without_dead_sites
 from fedadapt.server.progress import Progress
-from fedadapt.server.record import RoundLog, RunLog, payload_bytes
+from fedadapt.server.record import RoundLog, RunLog
 from fedadapt.server.rundir import run_key
 from fedadapt.server import secagg
 from fedadapt.privacy.distributed_dp import SkellamAccountant
@@ -189,9 +189,7 @@ def configure(fed: Federation, st: RoundState, rnd: int) -> list[Message]:
 def send_train(fed: Federation, st: RoundState, rlog: RoundLog,
                messages: list[Message]) -> list[Message]:
     """Exchange the train messages; count the bytes down; the replies that came."""
-    st.log.sent(rlog, messages)
-    if st.fisher is not None:
-        rlog.bytes_down += payload_bytes(messages[0].content[keys.FISHER]) * len(messages)
+    st.log.sent(rlog, messages)  # counts the Fisher sum / SCAFFOLD correction too
     return exchange(fed.grid, messages, rlog, "train", st.node_sites, fed.cfg.round_timeout)
 
 

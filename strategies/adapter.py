@@ -54,6 +54,11 @@ class AdapterAggregation(FedAvg):
         valid, _ = self._check_and_log_replies(list(replies), is_train=True)
         if not valid:
             return None, None
+        return self.aggregate_valid(server_round, valid)
+
+    def aggregate_valid(self, server_round: int, valid: list[Message]
+                        ) -> tuple[ArrayRecord, MetricRecord | None]:
+        """Aggregate replies Flower's checks passed (subclasses add to this step)."""
         contents = [m.content for m in valid]
         states = [c[self.arrayrecord_key].to_torch_state_dict() for c in contents]
         weights = [float(c[keys.METRICS][self.weighted_by_key]) for c in contents]

@@ -12,6 +12,7 @@ from fedadapt import keys
 from fedadapt.config import RunConfig
 from fedadapt.strategies.adapter import AdapterAggregation
 from fedadapt.strategies.names import STRATEGIES
+from fedadapt.strategies.scaffold import Scaffold
 from fedadapt.strategies.site_dp import SiteLevelDP
 from fedadapt.strategies.validation import Validated
 
@@ -29,7 +30,8 @@ def build_strategy(name: str, cfg: RunConfig, *, validate: bool = True) -> Strat
 
     Args:
         name: Strategy name.
-        cfg: Run config (number of sites, LoRA rank, proximal μ, server lr, wire dtype).
+        cfg: Run config (number of sites, LoRA rank, proximal μ, server lr, wire dtype;
+            the sites' lr for ``scaffold``).
         validate: Wrap in :class:`strategies.validation.Validated` (default), which
             takes replies as they came off the wire (``cfg.wire_dtype``) and hands the
             inner strategy float32 tensors.
@@ -48,6 +50,8 @@ def build_strategy(name: str, cfg: RunConfig, *, validate: bool = True) -> Strat
         inner = AdapterAggregation("mean", **common)
     elif name in ("exact", "median", "trimmed-mean"):
         inner = AdapterAggregation(name, rank=cfg.lora_rank, **common)
+    elif name == "scaffold":
+        inner = Scaffold(lr=cfg.lr, wire_dtype=cfg.wire_dtype, **common)
     elif name == "fedprox":
         inner = FedProx(proximal_mu=cfg.proximal_mu, **common)
     elif name == "fedadam":

@@ -178,7 +178,7 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("name,site_dp", [("fedadam", False), ("fedyogi", True),
-                                          ("exact", False)])
+                                          ("exact", False), ("scaffold", False)])
 def test_strategy_state_round_trips(tmp_path, name, site_dp):
     cfg = RunConfig(strategy=name, site_dp=site_dp, **BASE)
     s = build_strategy(name, cfg)
@@ -192,6 +192,10 @@ def test_strategy_state_round_trips(tmp_path, name, site_dp):
         inner.v_t = {"a": rng.random((2, 3)).astype(np.float32)}
     if hasattr(inner, "residuals"):
         inner.residuals = {1: 0.5, 2: 0.0}
+    if hasattr(inner, "site_c"):  # SCAFFOLD's control variates, by node id
+        inner.c = {"a": torch.randn(2, 3)}
+        inner.site_c = {7: {"a": torch.randn(2, 3)}, 9: {"a": torch.randn(2, 3)}}
+        inner.site_n = {7: 30.0, 9: 12.0}
     s.rejected = {2: [{"site": "x", "node_id": 3, "reason": "norm"}]}
     if site_dp:
         from fedadapt.privacy.accounting import Mechanism
@@ -214,6 +218,10 @@ def test_strategy_state_round_trips(tmp_path, name, site_dp):
         np.testing.assert_array_equal(f_chain[-1].v_t["a"], inner.v_t["a"])
     if hasattr(inner, "residuals"):
         assert f_chain[-1].residuals == inner.residuals
+    if hasattr(inner, "site_c"):
+        assert torch.equal(f_chain[-1].c["a"], inner.c["a"])
+        assert f_chain[-1].site_n == inner.site_n and set(f_chain[-1].site_c) == {7, 9}
+        assert all(torch.equal(f_chain[-1].site_c[k]["a"], inner.site_c[k]["a"]) for k in (7, 9))
     assert fresh.rejected == s.rejected
     if site_dp:
         assert f_chain[1].history == chain[1].history and f_chain[1].norms == chain[1].norms
