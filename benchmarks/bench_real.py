@@ -269,7 +269,8 @@ def run_arm(arm: str, make, sites, eps: float, a: argparse.Namespace) -> float:
                 steps.append(res.steps)
             total = sum(sizes)
             if a.server == "scaffold":
-                site_c = [site_variate(site_c[i], c, glob, states[i], lr=lr, steps=steps[i])
+                site_c = [site_variate(correction(c, site_c[i]) if c else None, glob,
+                                       states[i], lr=lr, steps=steps[i])
                           for i in range(len(sites))]
                 c = weighted_mean(site_c, sizes)
             if a.server == "fednova":

@@ -274,7 +274,7 @@ def deployed_site(cfg: RunConfig, site_dir: Path, node_config: Mapping[str, Any]
     Raises:
         ValueError: On an invalid ``site.toml``, a missing data file, a partition outside
             the federation, or a run below the site's LoRA rank (or FFA-LoRA with the
-            site at a smaller rank).
+            site at a smaller rank, or SCAFFOLD with a smaller rank or personalised keys).
     """
     sc = load_site_config(site_dir)
     index = int(node_config.get(keys.NODE_PARTITION_ID, sc.partition_id))
@@ -292,6 +292,16 @@ def deployed_site(cfg: RunConfig, site_dir: Path, node_config: Mapping[str, Any]
                          f"keeps lora_A frozen at the run's rank {cfg.lora_rank}; set "
                          f"lora_rank = 0 for this run, or run the federation with strategy "
                          f"exact")
+    if cfg.strategy == "scaffold" and (0 < sc.lora_rank < cfg.lora_rank
+                                        or sc.personalised_keys):
+        what = (f"lora_rank = {sc.lora_rank} (below the run's {cfg.lora_rank})"
+                if 0 < sc.lora_rank < cfg.lora_rank
+                else f"personalised_keys = {list(sc.personalised_keys)}")
+        raise ValueError(f"site {sc.name} refuses the run: {site_dir / SITE_TOML} sets {what}, "
+                         "but the run's strategy scaffold computes each site's control variate "
+                         "from an update that starts from the global tensors at the run's "
+                         "rank; remove it from site.toml for this run, or run the federation "
+                         "with another strategy")
     run = cfg.replace(device=sc.device)  # the site's hardware is the site's decision
     if sc.synthetic:
         sim = _simulated_site(run, {keys.NODE_PARTITION_ID: index,

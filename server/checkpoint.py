@@ -12,8 +12,8 @@ evaluation) and once it is evaluated. It holds
 * the strategy's state: FedOpt's moments ``m_t`` / ``v_t`` (Reddi et al., "Adaptive
   Federated Optimization", ICLR 2021), the site-level DP accountant's history and noise
   generator (McMahan et al., "Learning Differentially Private Recurrent Language
-  Models", ICLR 2018), SCAFFOLD's control variates (by node id: a site that comes back
-  under another node id starts again from c_i = 0, a valid SCAFFOLD state),
+  Models", ICLR 2018), SCAFFOLD's control variates (by site name, so a resumed run's sites keep
+  theirs under new node ids),
   exact-aggregation residuals and validation rejections,
 * the :class:`server.record.RunLog` so far (rounds, sites, refusals, wire tensors),
 * the sites whose budget is spent, by site name (node ids change across restarts),
@@ -104,10 +104,12 @@ def strategy_state(strategy: Any) -> dict[str, Any]:
             st["residuals"] = {int(k): float(v) for k, v in own["residuals"].items()}
         if "rejected" in own:  # Validated
             st["rejected"] = {int(k): list(v) for k, v in own["rejected"].items()}
-        if "site_c" in own:  # Scaffold: the control variates (node id → c_i) and weights
+        if "site_c" in own:  # Scaffold: the control variates (site → c_i) and weights
             st["c"] = dict(own["c"])
-            st["site_c"] = {int(k): dict(v) for k, v in own["site_c"].items()}
-            st["site_n"] = {int(k): float(v) for k, v in own["site_n"].items()}
+            st["site_c"] = {str(k): dict(v) for k, v in own["site_c"].items()}
+            st["site_n"] = {str(k): float(v) for k, v in own["site_n"].items()}
+            st["node_site"] = {int(k): str(v) for k, v in own["node_site"].items()}
+            st["skipped"] = {int(k): list(v) for k, v in own["skipped"].items()}
         if "history" in own and "_gen" in own:  # SiteLevelDP
             st["history"] = [[m.noise_multiplier, m.sample_rate, m.steps] for m in own["history"]]
             st["norms"] = {int(k): dict(v) for k, v in own["norms"].items()}
@@ -140,8 +142,10 @@ def restore_strategy(strategy: Any, state: Mapping[str, Any]) -> None:
             s.rejected = {k: list(v) for k, v in st["rejected"].items()}
         if "site_c" in st:
             s.c = dict(st["c"])
-            s.site_c = {int(k): dict(v) for k, v in st["site_c"].items()}
-            s.site_n = {int(k): float(v) for k, v in st["site_n"].items()}
+            s.site_c = {str(k): dict(v) for k, v in st["site_c"].items()}
+            s.site_n = {str(k): float(v) for k, v in st["site_n"].items()}
+            s.node_site = {int(k): str(v) for k, v in st["node_site"].items()}
+            s.skipped = {int(k): list(v) for k, v in st["skipped"].items()}
         if "history" in st:
             from fedadapt.privacy.accounting import Mechanism
 

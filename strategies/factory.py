@@ -51,7 +51,7 @@ def build_strategy(name: str, cfg: RunConfig, *, validate: bool = True) -> Strat
     elif name in ("exact", "median", "trimmed-mean"):
         inner = AdapterAggregation(name, rank=cfg.lora_rank, **common)
     elif name == "scaffold":
-        inner = Scaffold(lr=cfg.lr, wire_dtype=cfg.wire_dtype, **common)
+        inner = Scaffold(lr=cfg.lr, rank=cfg.lora_rank, wire_dtype=cfg.wire_dtype, **common)
     elif name == "fedprox":
         inner = FedProx(proximal_mu=cfg.proximal_mu, **common)
     elif name == "fedadam":

@@ -17,12 +17,13 @@ al., NeurIPS 2020); with the paper's plain ``τ_i`` the variates overshoot by up
 Privacy: ``c − c_i`` is computed from earlier released updates only, and the site adds
 it to its (Opacus-noised) gradient outside clipping and noise: post-processing, no
 privacy cost. Nothing new leaves a site: the uplink is FedAvg's. The server keeps the
-variates (by node id) and sends each site its own correction, so the downlink doubles.
+variates (by site name) and sends each site its own correction, so the downlink doubles.
+A site that stops training (its budget spent) keeps its last ``c_i`` in ``c``.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -53,13 +54,17 @@ def momentum_norm(steps: int, momentum: float = SGD_MOMENTUM) -> float:
     return (steps - momentum * (1 - momentum ** steps) / (1 - momentum)) / (1 - momentum)
 
 
-def site_variate(own: State | None, c: State, sent: State, trained: State, *, lr: float,
+def site_variate(applied: State | None, sent: State, trained: State, *, lr: float,
                  steps: int, momentum: float = SGD_MOMENTUM) -> State:
-    """SCAFFOLD option II: ``c_i⁺ = c_i − c + (x − y_i) / (lr · ‖a(τ_i)‖₁)``.
+    """SCAFFOLD option II: ``c_i⁺ = (x − y_i) / (lr · ‖a(τ_i)‖₁) − d_i``.
+
+    ``d_i`` is the correction the site actually applied (``c − c_i`` as it arrived, after
+    the wire's rounding; zero when none was sent). With ``d_i = c − c_i`` this is the
+    paper's ``c_i − c + (x − y_i) / (K·lr)``: the mean gradient the site followed, minus
+    the correction it was told to add.
 
     Args:
-        own: The site's variate ``c_i`` (None: zero, a site's first round).
-        c: The server's variate (empty: zero, the first round).
+        applied: ``d_i`` (None: no correction was sent, a site's first round).
         sent: ``x``, the tensors the site received.
         trained: ``y_i``, the tensors it sent back.
         lr: The sites' learning rate.
@@ -70,11 +75,7 @@ def site_variate(own: State | None, c: State, sent: State, trained: State, *, lr
     out = {}
     for name, x in sent.items():
         v = (x - trained[name]) * scale
-        if own is not None:
-            v = v + own[name]
-        if c:
-            v = v - c[name]
-        out[name] = v
+        out[name] = v - applied[name] if applied is not None else v
     return out
 
 
@@ -86,8 +87,15 @@ def correction(c: State, own: State | None) -> State:
 class Scaffold(AdapterAggregation):
     """FedAvg's weighted mean plus SCAFFOLD control variates (module docstring).
 
+    The variates are kept by site name (the reply's ``site-id``), so a site that comes
+    back under another node id (a restart, a resumed run) keeps its own; until it has
+    replied under the new id it is sent ``c`` alone (``c_i = 0``), and the correction it
+    was sent is what its next variate subtracts.
+
     Args:
         lr: The sites' learning rate (the run config's ``lr``).
+        rank: The run's LoRA rank: a reply trained at another rank (a deployed site's
+            own ``lora_rank``) is averaged but moves no variate.
         momentum: The sites' SGD momentum.
         wire_dtype: The run's ``wire-dtype``: the variates use what the sites received,
             and each correction travels in it.
@@ -95,32 +103,48 @@ class Scaffold(AdapterAggregation):
 
     Attributes:
         c: The server's variate (empty before the first aggregation).
-        site_c: Each site's variate ``c_i``, by node id.
-        site_n: Each site's last number of training records, by node id (weights of c).
+        site_c: Each site's variate ``c_i``, by site name.
+        site_n: Each site's last number of training records, by site name (weights of c).
+        node_site: The site name each node id last replied under.
+        skipped: Per round, the sites whose reply moved no variate, and why.
     """
 
-    def __init__(self, *, lr: float, momentum: float = SGD_MOMENTUM,
+    def __init__(self, *, lr: float, rank: int = 8, momentum: float = SGD_MOMENTUM,
                  wire_dtype: str = "float32", **fedavg) -> None:
         if not lr > 0:
             raise ValueError(f"lr={lr} must be > 0")
-        super().__init__("mean", **fedavg)
+        super().__init__("mean", rank=rank, **fedavg)
         self.lr, self.momentum, self.wire_dtype = lr, momentum, wire_dtype
         self.c: State = {}
-        self.site_c: dict[int, State] = {}
-        self.site_n: dict[int, float] = {}
+        self.site_c: dict[str, State] = {}
+        self.site_n: dict[str, float] = {}
+        self.node_site: dict[int, str] = {}
+        self.skipped: dict[int, list[dict[str, str]]] = {}
         self._sent: State = {}
+        self._applied: dict[int, State] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Flower's train messages, each with its site's correction once there is one."""
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent = wire.decode(wire.encode(arrays, self.wire_dtype))  # what sites get
+        self._applied = {}
         if self.c:
             for m in messages:  # Flower's messages share one RecordDict: give each its own
-                own = self.site_c.get(m.metadata.dst_node_id)
-                m.content = RecordDict({**dict(m.content), keys.SCAFFOLD_CORRECTION:
-                                        wire.encode(correction(self.c, own), self.wire_dtype)})
+                node = m.metadata.dst_node_id
+                own = self.site_c.get(self.node_site.get(node, ""))
+                rec = wire.encode(correction(self.c, own), self.wire_dtype)
+                self._applied[node] = wire.decode(rec)  # as the site will apply it
+                m.content = RecordDict({**dict(m.content), keys.SCAFFOLD_CORRECTION: rec})
         return messages
+
+    def _variate_problem(self, metrics: Mapping[str, Any]) -> str | None:
+        steps, rank = metrics.get(keys.STEPS), metrics.get(keys.LORA_RANK, self.rank)
+        if not isinstance(steps, int) or steps < 1:
+            return f"'{keys.STEPS}' must be an integer >= 1, got {steps!r}"
+        if rank != self.rank:
+            return f"trained at LoRA rank {rank}, not the run's {self.rank}"
+        return None
 
     def aggregate_valid(self, server_round: int, valid: list[Message]
                         ) -> tuple[ArrayRecord, MetricRecord | None]:
@@ -128,14 +152,22 @@ class Scaffold(AdapterAggregation):
         agg, metrics = super().aggregate_valid(server_round, valid)
         for m in valid:
             node, content = m.metadata.src_node_id, m.content
-            self.site_c[node] = site_variate(
-                self.site_c.get(node), self.c, self._sent,
+            site = str(content[keys.STATUS][keys.SITE_ID])
+            problem = self._variate_problem(content[keys.METRICS])
+            if problem is not None:  # averaged like any reply, but no variate from it
+                self.skipped.setdefault(server_round, []).append(
+                    {"site": site, "reason": problem})
+                continue
+            self.node_site[node] = site
+            self.site_c[site] = site_variate(
+                self._applied.get(node), self._sent,
                 content[self.arrayrecord_key].to_torch_state_dict(), lr=self.lr,
                 steps=int(content[keys.METRICS][keys.STEPS]), momentum=self.momentum)
-            self.site_n[node] = float(content[keys.METRICS][self.weighted_by_key])
-        nodes = sorted(self.site_c)
-        self.c = lora_math.weighted_mean([self.site_c[n] for n in nodes],
-                                         [self.site_n[n] for n in nodes])
+            self.site_n[site] = float(content[keys.METRICS][self.weighted_by_key])
+        names = sorted(self.site_c)
+        if names:
+            self.c = lora_math.weighted_mean([self.site_c[n] for n in names],
+                                             [self.site_n[n] for n in names])
         return agg, metrics
 
 

@@ -93,7 +93,7 @@ def test_deployed_site_trains_at_its_own_rank(tmp_path):
                              ).lora_rank == 8  # lora_rank = 0: the run's rank
 
 
-def test_deployed_site_refuses_a_run_below_its_rank_or_ffa_lora(tmp_path):
+def test_deployed_site_refuses_a_run_below_its_rank_or_ffa_lora_or_scaffold(tmp_path):
     node = {keys.NODE_SITE_DIR: str(_deployed(tmp_path, lora_rank=4))}
     with pytest.raises(ValueError, match=r"small-gpu refuses the run: .*site.toml sets "
                                          r"lora_rank = 4, above the run's LoRA rank 2; .* "
@@ -102,6 +102,16 @@ def test_deployed_site_refuses_a_run_below_its_rank_or_ffa_lora(tmp_path):
     with pytest.raises(ValueError, match="strategy ffa-lora keeps lora_A frozen at the run's "
                                          "rank 8; set lora_rank = 0 .* strategy exact"):
         site_from_context(RunConfig(num_sites=3, strategy="ffa-lora").to_mapping(), node)
+    scaffold = RunConfig(num_sites=3, strategy="scaffold").to_mapping()
+    with pytest.raises(ValueError, match=r"sets lora_rank = 4 \(below the run's 8\), but the "
+                                         r"run's strategy scaffold"):
+        site_from_context(scaffold, node)
+    personal = {keys.NODE_SITE_DIR: str(_deployed(tmp_path, "own-head",
+                                                  personalised_keys=("classifier",)))}
+    with pytest.raises(ValueError, match=r"personalised_keys = \['classifier'\], but the run's "
+                                         r"strategy scaffold"):
+        site_from_context(scaffold, personal)
+    assert site_from_context(scaffold, {keys.NODE_SITE_DIR: str(_deployed(tmp_path, "plain"))})
 
 
 DEPLOYED = 2  # partition 2 runs from a deployed site folder (site.toml lora_rank = 2)

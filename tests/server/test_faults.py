@@ -194,8 +194,10 @@ def test_strategy_state_round_trips(tmp_path, name, site_dp):
         inner.residuals = {1: 0.5, 2: 0.0}
     if hasattr(inner, "site_c"):  # SCAFFOLD's control variates, by node id
         inner.c = {"a": torch.randn(2, 3)}
-        inner.site_c = {7: {"a": torch.randn(2, 3)}, 9: {"a": torch.randn(2, 3)}}
-        inner.site_n = {7: 30.0, 9: 12.0}
+        inner.site_c = {"north": {"a": torch.randn(2, 3)}, "south": {"a": torch.randn(2, 3)}}
+        inner.site_n = {"north": 30.0, "south": 12.0}
+        inner.node_site = {7: "north", 9: "south"}
+        inner.skipped = {2: [{"site": "south", "reason": "rank"}]}
     s.rejected = {2: [{"site": "x", "node_id": 3, "reason": "norm"}]}
     if site_dp:
         from fedadapt.privacy.accounting import Mechanism
@@ -220,8 +222,10 @@ def test_strategy_state_round_trips(tmp_path, name, site_dp):
         assert f_chain[-1].residuals == inner.residuals
     if hasattr(inner, "site_c"):
         assert torch.equal(f_chain[-1].c["a"], inner.c["a"])
-        assert f_chain[-1].site_n == inner.site_n and set(f_chain[-1].site_c) == {7, 9}
-        assert all(torch.equal(f_chain[-1].site_c[k]["a"], inner.site_c[k]["a"]) for k in (7, 9))
+        f = f_chain[-1]
+        assert f.site_n == inner.site_n and set(f.site_c) == {"north", "south"}
+        assert f.node_site == inner.node_site and f.skipped == inner.skipped
+        assert all(torch.equal(f.site_c[k]["a"], inner.site_c[k]["a"]) for k in inner.site_c)
     assert fresh.rejected == s.rejected
     if site_dp:
         assert f_chain[1].history == chain[1].history and f_chain[1].norms == chain[1].norms

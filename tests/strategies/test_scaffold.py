@@ -54,30 +54,40 @@ def _rand(g, shape=(4, 3)):
 
 
 def test_site_variate_recovers_the_sites_gradient():
-    """A site whose gradient is a constant g and that adds c − c_i moves by
-    −lr·‖a‖₁·(g + c − c_i): option II gives back c_i⁺ = g exactly."""
+    """A site whose gradient is a constant g and that adds d = c − c_i moves by
+    −lr·‖a‖₁·(g + d): option II gives back c_i⁺ = g exactly."""
     gen = torch.Generator().manual_seed(0)
     x, g, c, own = ({"w": _rand(gen)} for _ in range(4))
     lr, steps = 0.05, 13
-    y = {"w": x["w"] - lr * momentum_norm(steps) * (g["w"] + c["w"] - own["w"])}
-    out = site_variate(own, c, x, y, lr=lr, steps=steps)
+    d = {"w": c["w"] - own["w"]}
+    y = {"w": x["w"] - lr * momentum_norm(steps) * (g["w"] + d["w"])}
+    out = site_variate(d, x, y, lr=lr, steps=steps)
     torch.testing.assert_close(out["w"], g["w"], rtol=1e-4, atol=1e-5)
-    first = site_variate(None, {}, x, {"w": x["w"] - lr * momentum_norm(steps) * g["w"]},
-                         lr=lr, steps=steps)  # round 1: c = c_i = 0
+    y0 = {"w": x["w"] - lr * steps * (g["w"] + d["w"])}  # momentum 0: the paper's formula
+    torch.testing.assert_close(site_variate(d, x, y0, lr=lr, steps=steps, momentum=0.0)["w"],
+                               own["w"] - c["w"] + (x["w"] - y0["w"]) / (steps * lr))
+    first = site_variate(None, x, {"w": x["w"] - lr * momentum_norm(steps) * g["w"]},
+                         lr=lr, steps=steps)  # round 1: nothing sent
     torch.testing.assert_close(first["w"], g["w"], rtol=1e-4, atol=1e-5)
 
 
-def _replies(msgs, states, weights, steps):
+def _replies(msgs, states, weights, steps, extra=None):
     out = []
-    for msg, state, w, tau in zip(msgs, states, weights, steps):
+    for i, (msg, state, w, tau) in enumerate(zip(msgs, states, weights, steps)):
         rec = state if isinstance(state, ArrayRecord) else ArrayRecord(state)
-        content = RecordDict({keys.ARRAYS: rec,
-                              keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: w,
-                                                          keys.STEPS: tau}),
+        metrics = {keys.NUM_EXAMPLES: w, keys.STEPS: tau, **((extra or {}).get(i, {}))}
+        content = RecordDict({keys.ARRAYS: rec, keys.METRICS: MetricRecord(metrics),
                               keys.STATUS: ConfigRecord({keys.SITE_ID: f"site-{w}",
                                                          keys.STATE: keys.STATE_OK})})
         out.append(Message(content, reply_to=msg))
     return out
+
+
+class _Renumbered(FakeGrid):
+    """The same sites under new node ids (a restart, a resumed simulation)."""
+
+    def get_node_ids(self):
+        return [100 + i for i in super().get_node_ids()]
 
 
 def test_strategy_sends_each_site_c_minus_ci_and_keeps_fedavgs_mean():
@@ -101,9 +111,9 @@ def test_strategy_sends_each_site_c_minus_ci_and_keeps_fedavgs_mean():
         torch.testing.assert_close(mean[n], sum(pk * y[n] for pk, y in zip(p, ys)))
     inner = strategy.inner
     c = {n: sum(pk * g[n] for pk, g in zip(p, grads)) for n in x}
-    for node, g in zip([m.metadata.dst_node_id for m in msgs], grads):
+    for w, g in zip(weights, grads):
         for n in x:
-            torch.testing.assert_close(inner.site_c[node][n], g[n], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(inner.site_c[f"site-{w}"][n], g[n], rtol=1e-4, atol=1e-5)
     for n in x:
         torch.testing.assert_close(inner.c[n], c[n], rtol=1e-4, atol=1e-5)
     msgs2 = {m.metadata.dst_node_id: m
@@ -117,18 +127,68 @@ def test_strategy_sends_each_site_c_minus_ci_and_keeps_fedavgs_mean():
         assert float(total.abs().max()) < 1e-5
 
 
-def test_correction_travels_in_the_wire_dtype():
+def test_sites_keep_their_variates_under_new_node_ids():
+    """After a restart the same sites reply under new node ids: until they have, each is
+    sent c alone, its next variate subtracts what it was sent, and no stale entry stays."""
+    lr, weights, steps = 0.01, [30, 20], [3, 2]
+    strategy = build_strategy("scaffold", RunConfig(num_sites=2, dp=False,
+                                                    strategy="scaffold", lr=lr))
+    gen = torch.Generator().manual_seed(4)
+    x = {"w": _rand(gen)}
+    grads = [{"w": _rand(gen)} for _ in weights]
+    msgs = list(strategy.configure_train(1, ArrayRecord(x), ConfigRecord({}), FakeGrid(2)))
+    ys = [{"w": x["w"] - lr * momentum_norm(t) * g["w"]} for g, t in zip(grads, steps)]
+    strategy.aggregate_train(1, _replies(msgs, ys, weights, steps))
+    inner = strategy.inner
+    c = inner.c["w"].clone()
+    msgs = list(strategy.configure_train(2, ArrayRecord(x), ConfigRecord({}), _Renumbered(2)))
+    for m in msgs:  # unknown node ids: c − 0
+        torch.testing.assert_close(received_correction(m)["w"], c)
+    new = [{"w": _rand(gen)} for _ in weights]
+    ys = [{"w": x["w"] - lr * momentum_norm(t) * (g["w"] + c)} for g, t in zip(new, steps)]
+    strategy.aggregate_train(2, _replies(msgs, ys, weights, steps))
+    assert sorted(inner.site_c) == ["site-20", "site-30"]
+    assert sorted(inner.node_site) == [1, 2, 101, 102]
+    for w, g in zip(weights, new):
+        torch.testing.assert_close(inner.site_c[f"site-{w}"]["w"], g["w"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_reply_without_usable_steps_or_at_another_rank_moves_no_variate():
+    strategy = build_strategy("scaffold", RunConfig(num_sites=3, dp=False, strategy="scaffold"))
+    x = {"w": torch.zeros(4)}
+    msgs = list(strategy.configure_train(1, ArrayRecord(x), ConfigRecord({}), FakeGrid(3)))
+    ys = [{"w": torch.full((4,), -0.1 * (k + 1))} for k in range(3)]
+    agg, _ = strategy.aggregate_train(1, _replies(msgs, ys, [10, 20, 30], [2, 0, 2],
+                                                  extra={0: {keys.LORA_RANK: 8}, 1: {keys.LORA_RANK: 8},
+                                                         2: {keys.LORA_RANK: 4}}))
+    torch.testing.assert_close(agg.to_torch_state_dict()["w"], torch.full((4,), -14 / 60))
+    inner = strategy.inner
+    assert sorted(inner.site_c) == ["site-10"]
+    assert [s["site"] for s in inner.skipped[1]] == ["site-20", "site-30"]
+    assert "must be an integer >= 1, got 0" in inner.skipped[1][0]["reason"]
+    assert "rank 4, not the run's 8" in inner.skipped[1][1]["reason"]
+
+
+def test_variates_use_what_the_sites_received_on_a_16_bit_wire():
+    """x and c − c_i are rounded to bf16 on the way: the server keeps the rounded ones,
+    which the sites trained from and added."""
     cfg = RunConfig(num_sites=2, dp=False, strategy="scaffold", wire_dtype="bfloat16")
     strategy = build_strategy("scaffold", cfg)
-    x = {"w": torch.ones(8)}
+    gen = torch.Generator().manual_seed(5)
+    x = {"w": _rand(gen, (64,))}
     msgs = list(strategy.configure_train(1, ArrayRecord(x), ConfigRecord({}), FakeGrid(2)))
-    ys = [{"w": torch.full((8,), 0.5)}, {"w": torch.full((8,), 0.75)}]
+    inner = strategy.inner
+    rounded = wire.decode(wire.encode(x, "bfloat16"))["w"]
+    assert torch.equal(inner._sent["w"], rounded) and not torch.equal(rounded, x["w"])
+    ys = [{"w": x["w"] - 0.3 * _rand(gen, (64,))} for _ in range(2)]
     strategy.aggregate_train(1, _replies(msgs, [wire.encode(y, "bfloat16") for y in ys],
                                          [10, 10], [3, 3]))
-    [m, _] = strategy.configure_train(2, ArrayRecord(x), ConfigRecord({}), FakeGrid(2))
-    rec = m.content.array_records[keys.SCAFFOLD_CORRECTION]
-    assert wire.format_problem(rec, "bfloat16") is None
-    assert wire.format_problem(rec, "float32") is not None
+    msgs = list(strategy.configure_train(2, ArrayRecord(x), ConfigRecord({}), FakeGrid(2)))
+    for m in msgs:
+        rec = m.content.array_records[keys.SCAFFOLD_CORRECTION]
+        assert wire.format_problem(rec, "bfloat16") is None
+        assert wire.format_problem(rec, "float32") is not None
+        assert torch.equal(inner._applied[m.metadata.dst_node_id]["w"], wire.decode(rec)["w"])
 
 
 def _linear_data(n=40):
